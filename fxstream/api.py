@@ -1,0 +1,105 @@
+"""``fxstream.streamline``: a model plus a posterior in, a one-pass predictive out."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch._dynamo
+
+from .backend import StreamlineOptions, Streamlined, compile_streamlined, predictive
+from .errors import FxstreamError, GraphBreakError
+from .posterior import Posterior
+from .predictive import Predictive
+
+
+class StreamlinedModel(torch.nn.Module):
+    """A model whose call returns the :class:`Predictive` of its output.
+
+    The first call for a given input signature captures the model with Dynamo
+    (one graph, no breaks), rewrites it and compiles it; later calls reuse it.
+    ``graphs`` holds every compiled graph for inspection.
+    """
+
+    def __init__(self, model: torch.nn.Module, options: StreamlineOptions, output: str | int | None) -> None:
+        super().__init__()
+        self.model = model
+        self.options = options
+        self.output = output
+        self.graphs: list[Streamlined] = []
+        options.on_compile = self.graphs.append
+        options.model = model
+
+        def backend(gm, example_inputs):
+            return compile_streamlined(gm, example_inputs, options)
+
+        self._compiled = torch.compile(model, backend=backend, fullgraph=True)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Predictive:
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
+            try:
+                out = self._compiled(*args, **kwargs)
+            except torch._dynamo.exc.Unsupported as error:
+                raise GraphBreakError(
+                    "the model cannot be captured as a single graph, and covariance cannot cross a graph "
+                    f"break. Dynamo reports: {str(error).splitlines()[0]}. Rewrite the data-dependent "
+                    "Python control flow (or the unsupported call) in the model's forward."
+                ) from None
+        return predictive(self._select(out))
+
+    def _select(self, out: Any) -> torch.Tensor:
+        if isinstance(out, torch.Tensor):
+            return out
+        if self.output is not None:
+            return out[self.output]
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            if "logits" in out:
+                return out["logits"]
+            return next(v for v in out.values() if isinstance(v, torch.Tensor))
+        if isinstance(out, (list, tuple)):
+            return next(v for v in out if isinstance(v, torch.Tensor))
+        raise FxstreamError(f"cannot find a tensor in the model's output of type {type(out).__name__}")
+
+
+def streamline(
+    model: torch.nn.Module,
+    posterior: Posterior | None = None,
+    *,
+    likelihood: Literal["classification", "regression"] | None = None,
+    sigma_noise: float | None = None,
+    input_var: torch.Tensor | float | None = None,
+    input_cov: torch.Tensor | None = None,
+    activation_cov: Literal["diag", "full"] = "diag",
+    backend: Literal["inductor", "eager"] = "inductor",
+    output: str | int | None = None,
+) -> StreamlinedModel:
+    """Turn ``model`` and a weight posterior into a module that predicts mean and covariance in one pass.
+
+    Args:
+        model: any ``nn.Module`` that Dynamo captures as one graph; put it in eval mode.
+        posterior: e.g. ``fxstream.Diagonal({name: variance})``; None leaves all weights deterministic.
+        likelihood: "classification", "regression" or None (raw outputs).
+        sigma_noise: observation noise std for regression.
+        input_var: Gaussian input variance, broadcastable to the (first floating) input.
+        input_cov: per-sample input covariance (N, N) over the input's N non-batch elements.
+        activation_cov: "diag" (one variance per activation) or "full" (a covariance over
+            all non-batch elements of each sample).
+        backend: "inductor" compiles the rewritten graph; "eager" runs it as an FX GraphModule.
+        output: the key or index of the output to return the predictive of, for models returning
+            a dict, dataclass or tuple (default: "logits" if present, else the first tensor).
+    """
+    if model.training:
+        raise FxstreamError("the model is in training mode; call model.eval() before streamline()")
+    if posterior is not None and isinstance(posterior, Posterior):
+        posterior.validate(dict(model.named_parameters()))
+    options = StreamlineOptions(
+        posterior=posterior,
+        likelihood=likelihood,
+        sigma_noise=sigma_noise,
+        input_var=input_var,
+        input_cov=input_cov,
+        activation_cov=activation_cov,
+        backend=backend,
+    )
+    options.check()
+    return StreamlinedModel(model, options, output)

@@ -1,0 +1,104 @@
+"""capture: a Dynamo graph re-traced to layer-level ATen, with every placeholder classified.
+
+Dynamo hands a backend a torch-level graph whose placeholders are the model's
+inputs, parameters and buffers. Re-tracing it with ``make_fx(pre_dispatch=True)``
+yields ATen ops at the granularity of layers (``aten.linear``, ``aten.conv2d``,
+``aten.layer_norm``, ...), the unit at which covariance rules and per-layer
+structure choices are made, while keeping ``nn_module_stack`` for messages.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.fx
+import torch.fx.traceback as fx_traceback
+from torch._guards import detect_fake_mode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from ..errors import CaptureError
+
+PlaceholderRole = Literal["input", "parameter", "buffer", "symbol"]
+
+_ATTRIBUTE = re.compile(
+    r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\['([^']+)'\]"
+)
+
+
+@dataclass
+class Placeholder:
+    """One graph input: what it is and, for parameters and buffers, its dotted name."""
+
+    name: str
+    role: PlaceholderRole
+    qualified_name: str | None = None
+    tensor: torch.Tensor | None = field(default=None, repr=False)
+
+
+@dataclass
+class CapturedGraph:
+    """The ATen graph of a model plus what each of its placeholders stands for."""
+
+    graph_module: torch.fx.GraphModule
+    placeholders: list[Placeholder]
+    example_inputs: list
+
+    def parameters(self) -> dict[str, Placeholder]:
+        return {p.qualified_name: p for p in self.placeholders if p.role == "parameter"}
+
+    def inputs(self) -> list[Placeholder]:
+        return [p for p in self.placeholders if p.role == "input"]
+
+
+def qualified_name(source_name: str) -> str | None:
+    """``L['self']._modules['fc']._parameters['weight']`` -> ``fc.weight``."""
+    root = re.match(r"^L\['[^']+'\]", source_name)
+    if root is None:
+        return None
+    parts = [next(g for g in groups if g) for groups in _ATTRIBUTE.findall(source_name[root.end():])]
+    return ".".join(parts) or None
+
+
+def _classify(node: torch.fx.Node, value) -> Placeholder:
+    if not isinstance(value, torch.Tensor):
+        return Placeholder(node.name, "symbol")
+    grapharg = node.meta.get("grapharg")
+    source = grapharg.source.name if grapharg is not None else ""
+    source = source() if callable(source) else source
+    if "._parameters[" in source or isinstance(value, torch.nn.Parameter):
+        return Placeholder(node.name, "parameter", qualified_name(source), value)
+    if "._buffers[" in source:
+        return Placeholder(node.name, "buffer", qualified_name(source), value)
+    return Placeholder(node.name, "input", None, value)
+
+
+def capture(dynamo_gm: torch.fx.GraphModule, example_inputs: list) -> CapturedGraph:
+    """Re-trace a Dynamo graph to pre-dispatch ATen and classify its placeholders."""
+    nodes = list(dynamo_gm.graph.find_nodes(op="placeholder"))
+    if len(nodes) != len(example_inputs):
+        raise CaptureError(f"graph has {len(nodes)} inputs but {len(example_inputs)} example inputs were given")
+    placeholders = [_classify(node, value) for node, value in zip(nodes, example_inputs)]
+    fake_values = [node.meta.get("example_value") for node in nodes]
+    fake_mode = detect_fake_mode(fake_values)
+    if fake_mode is None:
+        raise CaptureError("the Dynamo graph carries no fake tensors; capture needs torch.compile's graph")
+    interpreter = torch.fx.Interpreter(dynamo_gm)
+    with fx_traceback.preserve_node_meta():
+        aten_gm = make_fx(interpreter.run, pre_dispatch=True, tracing_mode="real")(*fake_values)
+    aten_gm.graph.eliminate_dead_code()
+    aten_gm.recompile()
+    for placeholder, node in zip(placeholders, aten_gm.graph.find_nodes(op="placeholder")):
+        placeholder.name = node.name
+    return CapturedGraph(aten_gm, placeholders, list(example_inputs))
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The dotted path of the innermost module that produced ``node`` (empty at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return qualified_name(path) or path

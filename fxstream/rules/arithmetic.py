@@ -1,0 +1,97 @@
+"""Sums, differences, products and quotients of tensors.
+
+Inputs are treated as independent: a residual add drops the cross-covariance
+between its branches (an approximation the docs state). The product of two
+uncertain factors keeps the exact second-order term v_x v_z.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .linearise import linearised_full, noise_product_full
+from .registry import RuleCall, register
+
+aten = torch.ops.aten
+
+
+def _var(call: RuleCall, index: int) -> torch.Tensor | int:
+    cov = call.cov(index)
+    return 0 if cov is None else cov
+
+
+def _scalar(value) -> float:
+    return float(value) if value is not None else 1.0
+
+
+@register(aten.add.Tensor, aten.sub.Tensor, aten.add.Scalar, aten.sub.Scalar, param_passthrough=True)
+def add(call: RuleCall) -> torch.Tensor:
+    """x + alpha * y: variances add, scaled by alpha^2 (branches independent)."""
+    if call.structure == "full":
+        return linearised_full(call)
+    alpha = _scalar(call.kwargs.get("alpha", call.args[2] if len(call.args) > 2 else None))
+    out = call.out
+    total = _var(call, 0) + alpha**2 * _var(call, 1)
+    return torch.broadcast_to(total, out.shape)
+
+
+@register(aten.rsub.Scalar, aten.rsub.Tensor, aten.neg.default, param_passthrough=True)
+def negate(call: RuleCall) -> torch.Tensor:
+    """c - x and -x: the variance is unchanged."""
+    if call.structure == "full":
+        return linearised_full(call)
+    alpha = _scalar(call.kwargs.get("alpha", call.args[2] if len(call.args) > 2 else None))
+    total = alpha**2 * call.cov(0) if call.op is not aten.neg.default else call.cov(0)
+    if call.op is aten.rsub.Tensor and call.cov(1) is not None:
+        total = total + call.cov(1)
+    return torch.broadcast_to(total, call.out.shape)
+
+
+@register(aten.mul.Tensor, aten.mul.Scalar, param_passthrough=True)
+def mul(call: RuleCall) -> torch.Tensor:
+    """x * z: m_x^2 v_z + m_z^2 v_x + v_x v_z for independent factors (exact moments)."""
+    x, z = call.arg(0), call.arg(1)
+    vx, vz = call.cov(0), call.cov(1)
+    if call.structure == "full":
+        cov = linearised_full(call)
+        if vx is not None and vz is not None:
+            cov = cov + _second_order_full(call)
+        return cov
+    total = 0
+    if vx is not None:
+        total = total + vx * (z.square() if isinstance(z, torch.Tensor) else float(z) ** 2)
+    if vz is not None:
+        total = total + vz * x.square()
+    if vx is not None and vz is not None:
+        total = total + vx * vz
+    return torch.broadcast_to(total, call.out.shape)
+
+
+def _second_order_full(call: RuleCall) -> torch.Tensor:
+    """Cov of the noise product (x - m_x)(z - m_z) for independent x, z, per sample."""
+    (_, mx, sx, kx), (_, mz, sz, kz) = list(call.uncertain())
+    shape = call.out.shape
+    if kx == "full" and kz == "full":
+        if mx.shape != shape or mz.shape != shape:
+            raise ValueError("full covariance of a broadcasting product of two activations is not supported")
+        return sx * sz
+    (ma, sa), (mp, vp) = ((mx, sx), (mz, sz)) if kx == "full" else ((mz, sz), (mx, sx))
+    if ma.shape != shape:
+        raise ValueError("full covariance of a product that broadcasts the activation is not supported")
+    return noise_product_full(sa, mp, vp, lambda p: torch.broadcast_to(p, shape))
+
+
+@register(aten.div.Tensor, aten.div.Scalar, param_passthrough=True)
+def div(call: RuleCall) -> torch.Tensor:
+    """x / z linearised: v_x / m_z^2 + m_x^2 v_z / m_z^4."""
+    if call.structure == "full":
+        return linearised_full(call)
+    x, z = call.arg(0), call.arg(1)
+    vx, vz = call.cov(0), call.cov(1)
+    z2 = z.square() if isinstance(z, torch.Tensor) else float(z) ** 2
+    total = 0
+    if vx is not None:
+        total = total + vx / z2
+    if vz is not None:
+        total = total + vz * x.square() / z2.square()
+    return torch.broadcast_to(total, call.out.shape)

@@ -1,0 +1,132 @@
+"""Shared pieces of the rules: local linearisation of an op at its mean.
+
+Full activation covariance is stored per sample, flattened: a tensor of shape
+(B, N, N) where B is the batch size and N the number of elements per sample.
+The mean may have any shape whose leading (slowest) index runs over the batch,
+e.g. (B, T, D) or the (B*T, D) view of it. Diagonal covariance ("diag") is a
+variance tensor with the mean's shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.func import jvp, vmap
+
+from .registry import RuleCall
+
+TensorFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def push_forward(fn: TensorFn, mean: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
+    """J @ t for a stack of tangents (R, *mean.shape), J the Jacobian of fn at mean."""
+    return vmap(lambda t: jvp(fn, (mean,), (t,))[1])(tangents)
+
+
+def sandwich(fn: TensorFn, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """J S J^T per sample, for full covariance S (B, N, N) of fn's input at ``mean``."""
+    batch, n = cov.shape[0], cov.shape[-1]
+    columns = cov.permute(2, 0, 1).reshape(n, *mean.shape)
+    left = push_forward(fn, mean, columns)  # (N, *out): column c is J S[:, :, c]
+    n_out = left[0].numel() // batch
+    rows = left.reshape(n, batch, n_out).permute(2, 1, 0).reshape(n_out, *mean.shape)
+    both = push_forward(fn, mean, rows)  # (N_out, *out)
+    return both.reshape(n_out, batch, n_out).permute(1, 2, 0)
+
+
+def parameter_factor(fn: TensorFn, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """Square-root factor (P, *out) of J diag(variance) J^T for a parameter with diagonal variance."""
+    p = variance.numel()
+    basis = torch.diag_embed(variance.reshape(-1).sqrt()).reshape(p, *mean.shape)
+    return push_forward(fn, mean, basis)
+
+
+def factor_to_full(factor: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-sample covariance sum_r f_r f_r^T from a factor (R, *out) whose outputs are batch-major."""
+    r = factor.shape[0]
+    flat = factor.reshape(r, batch, -1)
+    return torch.einsum("rbn,rbm->bnm", flat, flat)
+
+
+def factor_to_diag(factor: torch.Tensor) -> torch.Tensor:
+    """Variances sum_r f_r^2 from a factor (R, *out)."""
+    return factor.square().sum(0)
+
+
+def full_to_diag(cov: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The per-element variances of a full covariance, in the mean's shape."""
+    return cov.diagonal(dim1=-2, dim2=-1).reshape(shape)
+
+
+def diag_to_full(var: torch.Tensor, batch: int) -> torch.Tensor:
+    """A full per-sample covariance with the given variances on its diagonal."""
+    return torch.diag_embed(var.reshape(batch, -1))
+
+
+def batch_size(call: RuleCall) -> int:
+    """The batch size B of a full-covariance call.
+
+    Read off an activation covariance when there is one; otherwise (only
+    parameters uncertain so far) the output's leading dimension is the batch.
+    """
+    for _, _, cov, kind in call.uncertain():
+        if kind == "full":
+            return cov.shape[0]
+    out = call.out[0] if isinstance(call.out, (list, tuple)) else call.out
+    return out.shape[0]
+
+
+def linearised_full(call: RuleCall, output: TensorFn | None = None) -> torch.Tensor:
+    """Full output covariance of the op linearised at the means, inputs independent.
+
+    Each uncertain activation contributes J S J^T, each uncertain parameter
+    J diag(v) J^T. ``output`` picks a tensor from a multi-output op.
+    """
+    pick = output or (lambda out: out)
+    batch = batch_size(call)
+    total = None
+    for path, mean, cov, kind in call.uncertain():
+        fn = lambda x, path=path: pick(call.call_with({path: x}))  # noqa: E731
+        if kind == "full":
+            term = sandwich(fn, mean, cov)
+        elif kind == "param_diag":
+            term = factor_to_full(parameter_factor(fn, mean, cov), batch)
+        else:
+            raise ValueError(f"{call.op}: unsupported covariance kind '{kind}'")
+        total = term if total is None else total + term
+    return total
+
+
+def routed_variance(call: RuleCall, output: TensorFn | None = None) -> torch.Tensor:
+    """Diagonal rule for ops whose Jacobian entries are all 0 or 1 (shape ops, sums, routing).
+
+    For such ops (J o J) v = J v, so the variances travel through the op's own
+    JVP. Every uncertain input, parameter or activation, is pushed at once.
+    """
+    pick = output or (lambda out: out)
+    entries = list(call.uncertain())
+    paths = [path for path, _, _, _ in entries]
+
+    def fn(*values: torch.Tensor) -> torch.Tensor:
+        return pick(call.call_with(dict(zip(paths, values))))
+
+    means = tuple(mean for _, mean, _, _ in entries)
+    variances = tuple(cov for _, _, cov, _ in entries)
+    return jvp(fn, means, variances)[1]
+
+
+def noise_product_full(act_cov: torch.Tensor, param: torch.Tensor, variance: torch.Tensor,
+                       broadcast: TensorFn) -> torch.Tensor:
+    """Per-sample covariance of (a - E a) * (p - E p) for activation a (full cov) and parameter p.
+
+    ``broadcast`` maps the parameter to the activation's shape; the result is
+    S_a o P, where P[i, j] = var(p_k) when elements i and j both read entry k.
+    """
+    factor = parameter_factor(broadcast, param, variance)
+    return act_cov * factor_to_full(factor, act_cov.shape[0])
+
+
+def derivative(fn: TensorFn, mean: torch.Tensor) -> torch.Tensor:
+    """Elementwise derivative g'(mean) of an elementwise function."""
+    return jvp(fn, (mean,), (torch.ones_like(mean),))[1]

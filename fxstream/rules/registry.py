@@ -1,0 +1,168 @@
+"""The rule table: one covariance rule per exact ATen overload.
+
+A rule is a small pure function of a :class:`RuleCall` (the op, its mean
+arguments, the covariances of the uncertain ones, the mean output) that returns
+the output covariance. Rules register with :func:`register`; the pair pass looks
+them up by ``node.target``. The rewritten graph calls each rule through a named
+wrapper (``cov_<rule>``), so printed graphs say which rule made every node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch._ops import OpOverload
+
+Path = tuple[tuple[str, Any], ...]
+
+ACTIVATION_STRUCTURES = ("diag", "full")
+
+
+@dataclass
+class RuleCall:
+    """Everything a rule sees at run time.
+
+    ``args``/``kwargs`` are the op's mean arguments as in the graph; ``covs`` and
+    ``kinds`` have the same nesting, holding the covariance (or None) and its
+    structure name ("diag", "full" for activations; "param_diag" for a
+    diagonal weight posterior) of each uncertain tensor. ``structure`` is the
+    activation structure the rule must return.
+    """
+
+    op: OpOverload
+    args: tuple
+    kwargs: dict
+    covs: tuple
+    kw_covs: dict
+    kinds: tuple
+    kw_kinds: dict
+    out: Any
+    structure: str
+
+    def arg(self, index: int, default: Any = None) -> Any:
+        """Positional argument ``index`` (or the keyword / schema default for it)."""
+        if index < len(self.args):
+            return self.args[index]
+        schema_arg = self.op._schema.arguments[index]
+        if schema_arg.name in self.kwargs:
+            return self.kwargs[schema_arg.name]
+        if schema_arg.has_default_value():
+            return schema_arg.default_value
+        return default
+
+    def cov(self, index: int) -> Any:
+        """Covariance of positional argument ``index`` (None when it is deterministic)."""
+        return self.covs[index] if index < len(self.covs) else None
+
+    def kind(self, index: int) -> str | None:
+        return self.kinds[index] if index < len(self.kinds) else None
+
+    def uncertain(self) -> Iterator[tuple[Path, torch.Tensor, Any, str]]:
+        """Yield (path, mean, cov, kind) for every uncertain tensor argument."""
+        yield from _walk((("args", None),), self.args, self.covs, self.kinds)
+        for key in self.kwargs:
+            if key in self.kw_covs:
+                yield from _walk(
+                    (("kwargs", key),), self.kwargs[key], self.kw_covs[key], self.kw_kinds[key]
+                )
+
+    def substituted(self, replacements: dict[Path, Any]) -> tuple[tuple, dict]:
+        """The mean args and kwargs with the tensors at the given paths replaced."""
+        args, kwargs = list(self.args), dict(self.kwargs)
+        for path, value in replacements.items():
+            (root, key), rest = path[0], path[1:]
+            if root == "args":
+                (_, index), rest = rest[0], rest[1:]
+                args[index] = _replace(args[index], rest, value)
+            else:
+                kwargs[key] = _replace(kwargs[key], rest, value)
+        return tuple(args), kwargs
+
+    def call_with(self, replacements: dict[Path, Any]) -> Any:
+        """Run the op with the tensors at the given paths replaced, the rest at the means."""
+        args, kwargs = self.substituted(replacements)
+        return self.op(*args, **kwargs)
+
+
+def arg_path(index: int) -> Path:
+    """The path of positional argument ``index`` (for :meth:`RuleCall.call_with`)."""
+    return (("args", None), ("item", index))
+
+
+def _walk(prefix: Path, mean: Any, cov: Any, kind: Any) -> Iterator[tuple[Path, Any, Any, str]]:
+    if isinstance(cov, (list, tuple)) and isinstance(mean, (list, tuple)):
+        for i, (m, c, k) in enumerate(zip(mean, cov, kind)):
+            yield from _walk(prefix + (("item", i),), m, c, k)
+    elif cov is not None:
+        yield prefix, mean, cov, kind
+
+
+def _replace(container: Any, rest: Path, value: Any) -> Any:
+    if not rest:
+        return value
+    (_, index), rest = rest[0], rest[1:]
+    items = list(container)
+    items[index] = _replace(items[index], rest, value)
+    return type(container)(items) if isinstance(container, tuple) else items
+
+
+RuleFn = Callable[[RuleCall], Any]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A registered rule: the op it covers, its function, and what it accepts."""
+
+    op: OpOverload
+    fn: RuleFn
+    family: str
+    structures: tuple[str, ...] = ACTIVATION_STRUCTURES
+    param_kinds: tuple[str, ...] = ("param_diag",)
+    param_passthrough: bool = False
+    graph_target: Callable[..., Any] = field(compare=False, default=None)  # type: ignore[assignment]
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+
+RULES: dict[OpOverload, Rule] = {}
+
+
+def _graph_target(fn: RuleFn, op: OpOverload) -> Callable[..., Any]:
+    """The function the rewritten graph calls: builds the RuleCall and runs the rule."""
+
+    def target(args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure):
+        return fn(RuleCall(op, args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure))
+
+    target.__name__ = target.__qualname__ = f"cov_{fn.__name__}"
+    target.__module__ = fn.__module__
+    return target
+
+
+def register(
+    *ops: OpOverload,
+    structures: tuple[str, ...] = ACTIVATION_STRUCTURES,
+    param_kinds: tuple[str, ...] = ("param_diag",),
+    param_passthrough: bool = False,
+) -> Callable[[RuleFn], RuleFn]:
+    """Register ``fn`` as the covariance rule of each overload in ``ops``.
+
+    ``structures``: activation structures the rule can return. ``param_kinds``:
+    parameter posteriors it accepts. ``param_passthrough``: the op keeps the
+    entries of a parameter independent (elementwise maps, reshapes, slices), so
+    it may transform an uncertain parameter before the parameter meets data.
+    """
+
+    def decorate(fn: RuleFn) -> RuleFn:
+        family = fn.__module__.rsplit(".", 1)[-1]
+        for op in ops:
+            if op in RULES:
+                raise RuntimeError(f"two rules registered for {op}: {RULES[op].name} and {fn.__name__}")
+            RULES[op] = Rule(op, fn, family, structures, param_kinds, param_passthrough, _graph_target(fn, op))
+        return fn
+
+    return decorate
