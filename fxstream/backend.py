@@ -16,7 +16,7 @@ import torch
 import torch.fx
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .errors import FxstreamError, NoPredictiveError
+from .errors import FxstreamError, NoPredictiveError, PosteriorMismatchError
 from .passes import CapturedGraph, PairedGraph, PruneReport, Source, capture, lower, pair, prune
 from .posterior import Posterior
 from .predictive import Predictive
@@ -103,7 +103,8 @@ def predictive(output: torch.Tensor) -> Predictive:
         raise NoPredictiveError(
             "this tensor was not returned by a streamlined model: pass an output tensor of "
             "torch.compile(model, backend='streamline', options=...) itself, not a copy or a "
-            "tensor computed from it"
+            "tensor computed from it. If the model has a graph break, its outputs come from a graph "
+            "without uncertainty: compile with fullgraph=True to find the break"
         )
     return found
 
@@ -127,6 +128,14 @@ def _sources(captured: CapturedGraph, options: StreamlineOptions) -> dict[str, S
         tensors = {by_name[p.name]: p.tensor for p in captured.placeholders if p.name in by_name}
         wanted = set(posterior.parameter_names())
         if options.model is None:
+            missing = sorted(wanted - set(tensors))
+            if missing:
+                raise PosteriorMismatchError(
+                    f"the posterior names parameter '{missing[0]}', which this captured graph does not use "
+                    f"(it uses: {sorted(tensors)[:8]}{' ...' if len(tensors) > 8 else ''}). Either the name is "
+                    "wrong, or the model has a graph break that split it into several graphs: compile with "
+                    "fullgraph=True to see the break, since covariance cannot cross one"
+                )
             posterior.validate(tensors)
         for placeholder_name, name in by_name.items():
             if name in wanted:
@@ -142,10 +151,29 @@ def _sources(captured: CapturedGraph, options: StreamlineOptions) -> dict[str, S
             raise FxstreamError("input_var / input_cov given, but the model has no floating-point input")
         first = inputs[0]
         buffer = torch.as_tensor(given, dtype=first.tensor.dtype, device=first.tensor.device)
-        if options.input_var is not None and (buffer < 0).any():
-            raise FxstreamError("input_var has negative entries; variances must be >= 0")
+        _check_input_uncertainty(buffer, first.tensor, diagonal=options.input_var is not None)
         sources[first.name] = Source("diag" if options.input_var is not None else "full", (buffer,))
     return sources
+
+
+def _check_input_uncertainty(buffer: torch.Tensor, x: torch.Tensor, diagonal: bool) -> None:
+    """input_var must broadcast to the input; input_cov must be (N, N) or (B, N, N), N per sample."""
+    if diagonal:
+        if (buffer < 0).any():
+            raise FxstreamError("input_var has negative entries; variances must be >= 0")
+        try:
+            torch.broadcast_shapes(buffer.shape, x.shape)
+        except RuntimeError:
+            raise FxstreamError(
+                f"input_var of shape {tuple(buffer.shape)} does not broadcast to the input's shape {tuple(x.shape)}"
+            ) from None
+        return
+    n = x[0].numel()
+    if buffer.shape not in ((n, n), (x.shape[0], n, n)):
+        raise FxstreamError(
+            f"input_cov must have shape ({n}, {n}) or ({x.shape[0]}, {n}, {n}) for an input of shape "
+            f"{tuple(x.shape)}, got {tuple(buffer.shape)}"
+        )
 
 
 def compile_streamlined(gm: torch.fx.GraphModule, example_inputs: list, options: StreamlineOptions) -> Streamlined:

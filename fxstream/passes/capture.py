@@ -10,13 +10,14 @@ structure choices are made, while keeping ``nn_module_stack`` for messages.
 from __future__ import annotations
 
 import re
+from unittest.mock import patch
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.fx
 import torch.fx.traceback as fx_traceback
-from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..errors import CaptureError
@@ -82,12 +83,15 @@ def capture(dynamo_gm: torch.fx.GraphModule, example_inputs: list) -> CapturedGr
         raise CaptureError(f"graph has {len(nodes)} inputs but {len(example_inputs)} example inputs were given")
     placeholders = [_classify(node, value) for node, value in zip(nodes, example_inputs)]
     fake_values = [node.meta.get("example_value") for node in nodes]
-    fake_mode = detect_fake_mode(fake_values)
+    # The placeholders' own mode: inside a backend the tracing context may hold another one.
+    fake_mode = next((v.fake_mode for v in fake_values if isinstance(v, FakeTensor)), None)
     if fake_mode is None:
         raise CaptureError("the Dynamo graph carries no fake tensors; capture needs torch.compile's graph")
     interpreter = torch.fx.Interpreter(dynamo_gm)
+    # tracing_mode="fake" re-uses the inputs' fake mode, so tensors the graph
+    # creates itself (torch.arange position ids, constants) are fake in that same mode.
     with fx_traceback.preserve_node_meta():
-        aten_gm = make_fx(interpreter.run, pre_dispatch=True, tracing_mode="real")(*fake_values)
+        aten_gm = make_fx(interpreter.run, pre_dispatch=True, tracing_mode="fake")(*fake_values)
     aten_gm.graph.eliminate_dead_code()
     aten_gm.recompile()
     for placeholder, node in zip(placeholders, aten_gm.graph.find_nodes(op="placeholder")):
