@@ -33,19 +33,31 @@ class StreamlinedModel(torch.nn.Module):
         def backend(gm, example_inputs):
             return compile_streamlined(gm, example_inputs, options)
 
-        self._compiled = torch.compile(model, backend=backend, fullgraph=True)
+        select = self._select
+
+        def selected_output(*args: Any, **kwargs: Any) -> torch.Tensor:
+            """The model's call reduced to the one output we predict, so other outputs
+            (hidden states, key/value caches) get no covariance work at all."""
+            return select(model(*args, **kwargs))
+
+        self._compiled = torch.compile(selected_output, backend=backend, fullgraph=True)
 
     def forward(self, *args: Any, **kwargs: Any) -> Predictive:
         with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
             try:
                 out = self._compiled(*args, **kwargs)
+            except torch._dynamo.exc.BackendCompilerFailed as error:
+                inner = getattr(error, "inner_exception", None)
+                if isinstance(inner, FxstreamError):
+                    raise inner.with_traceback(None) from None
+                raise
             except torch._dynamo.exc.Unsupported as error:
                 raise GraphBreakError(
                     "the model cannot be captured as a single graph, and covariance cannot cross a graph "
                     f"break. Dynamo reports: {str(error).splitlines()[0]}. Rewrite the data-dependent "
                     "Python control flow (or the unsupported call) in the model's forward."
                 ) from None
-        return predictive(self._select(out))
+        return predictive(out)
 
     def _select(self, out: Any) -> torch.Tensor:
         if isinstance(out, torch.Tensor):

@@ -13,7 +13,7 @@ class UnsupportedOpError(FxstreamError):
     def __init__(self, op: str, module_path: str, detail: str = "") -> None:
         self.op = op
         self.module_path = module_path
-        where = f" in module '{module_path}'" if module_path else ""
+        where = f" in {module_path}" if module_path else ""
         extra = f" ({detail})" if detail else ""
         super().__init__(
             f"no covariance rule for op '{op}'{where}{extra}, and an uncertain input reaches it. "

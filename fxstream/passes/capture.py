@@ -10,7 +10,6 @@ structure choices are made, while keeping ``nn_module_stack`` for messages.
 from __future__ import annotations
 
 import re
-from unittest.mock import patch
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -100,9 +99,11 @@ def capture(dynamo_gm: torch.fx.GraphModule, example_inputs: list) -> CapturedGr
 
 
 def module_path(node: torch.fx.Node) -> str:
-    """The dotted path of the innermost module that produced ``node`` (empty at top level)."""
+    """Where ``node`` comes from: the innermost module's dotted path and class, e.g. ``blocks.0.mlp (MLP)``."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path, _ = list(stack.values())[-1]
-    return qualified_name(path) or path
+    path, module_type = list(stack.values())[-1]
+    name = getattr(module_type, "__name__", str(module_type))
+    dotted = qualified_name(path)
+    return f"{dotted} ({name})" if dotted else f"the top-level forward of {name}"
