@@ -1,0 +1,378 @@
+"""Cost model of a paired graph: bytes, FLOPs and peak memory as formulas in the symbolic sizes.
+
+Bytes of every node come from the captured graph's symbolic shapes. A mean
+node costs what its output tensor holds; a covariance node costs what its
+structure implies for the mean it belongs to:
+
+- activation "diag": one variance per element, the mean's bytes;
+- activation "full": ``batch * (numel / batch)^2`` elements (a covariance over
+  all non-batch elements of each sample);
+- a parameter posterior ("param_diag", ...) held as static buffers.
+
+Ops whose schema says their output aliases an input (views, ``t``, getitem)
+allocate nothing, for means and covariances alike. Peak memory is a liveness
+walk over the schedule (the graph's node order, which the eager GraphModule
+follows): a tensor is live from the node that allocates it to its last
+reader, and the peak is the Max over program points of the live bytes.
+Tensors that exist before the call (inputs, weights, posterior buffers) are
+counted once as static bytes.
+
+FLOPs are those ``torch.utils.flop_counter`` counts (matmul, conv, attention),
+measured per node on fake tensors at a small grid of sizes and interpolated
+exactly as a polynomial in the size symbols (checked at one more point).
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..passes.pair import ROLE, PairedGraph, input_covariance
+from .measure import LiveBytes
+from .symbolic import SymbolicCapture
+
+Sizes = Mapping[str, int]
+
+FLOP_DEGREES = {"batch": 2, "seq": 3}
+"""Polynomial degree allowed per size symbol when interpolating FLOPs (others: 3)."""
+
+
+@dataclass
+class NodeCost:
+    """One node of the paired graph with what it costs."""
+
+    name: str
+    role: str
+    of: str
+    rule: str
+    structure: str
+    bytes: sympy.Expr
+    alias_of: str | None
+    static: bool
+    reads: list[str] = field(default_factory=list)
+    flops: sympy.Expr = sympy.Integer(0)
+    workspace: list[sympy.Expr] = field(default_factory=list)
+    module: str = ""
+
+
+@dataclass
+class CostReport:
+    """Per-node costs plus the totals and the peak of a whole paired graph."""
+
+    nodes: list[NodeCost]
+    static_bytes: sympy.Expr
+    symbols: dict[str, sympy.Symbol]
+
+    @property
+    def peak_bytes(self) -> sympy.Expr:
+        """Peak of the bytes live during the call (static tensors excluded): a Max over program points."""
+        points = undominated([sympy.expand(p) for p in liveness_points(self.nodes)])
+        return sympy.Max(*points) if points else sympy.Integer(0)
+
+    @property
+    def total_bytes(self) -> sympy.Expr:
+        """Static bytes plus the working-memory peak: what a budget must cover."""
+        return self.static_bytes + self.peak_bytes
+
+    @property
+    def cov_bytes(self) -> sympy.Expr:
+        """Bytes of all covariance nodes' outputs (not all live at once)."""
+        return sympy.Add(*(n.bytes for n in self.nodes if n.role == "cov" and not n.static))
+
+    @property
+    def flops(self) -> sympy.Expr:
+        return sympy.Add(*(n.flops for n in self.nodes))
+
+    def evaluate(self, expr: sympy.Expr, sizes: Sizes) -> int:
+        """An expression at concrete sizes (every symbol in it must be given)."""
+        expr = sympy.sympify(expr).xreplace({self.symbols[k]: v for k, v in sizes.items() if k in self.symbols})
+        if expr.free_symbols:
+            raise ValueError(f"give a value for the size(s) {sorted(map(str, expr.free_symbols))}")
+        return int(expr)
+
+    def peak_at(self, sizes: Sizes) -> int:
+        """Working-memory peak at concrete sizes (the liveness walk, evaluated numerically)."""
+        return max(liveness_points(self.nodes, lambda e: self.evaluate(e, sizes)), default=0)
+
+    def total_at(self, sizes: Sizes) -> int:
+        return self.evaluate(self.static_bytes, sizes) + self.peak_at(sizes)
+
+
+def _itemsize(value: torch.Tensor) -> int:
+    return value.element_size() if hasattr(value, "element_size") else value.dtype.itemsize
+
+
+def tensor_bytes(sym: SymbolicCapture, value) -> sympy.Expr:
+    """Bytes of a tensor (or of every tensor of a tuple) with a symbolic shape."""
+    if isinstance(value, (list, tuple)):
+        return sympy.Add(*(tensor_bytes(sym, v) for v in value))
+    if not isinstance(value, torch.Tensor):
+        return sympy.Integer(0)
+    numel = sympy.Mul(*(sym.expr(s) for s in value.shape))
+    return sympy.expand(numel * _itemsize(value))
+
+
+def batch_expr(sym: SymbolicCapture) -> sympy.Expr:
+    """The batch size: dim 0 of the first tensor input."""
+    for placeholder, node in zip(sym.captured.placeholders,
+                                 sym.captured.graph_module.graph.find_nodes(op="placeholder")):
+        if placeholder.role == "input":
+            return sym.expr(node.meta["val"].shape[0])
+    raise ValueError("the graph has no tensor input")
+
+
+def covariance_bytes(sym: SymbolicCapture, mean_value, structure: str) -> sympy.Expr:
+    """Bytes of the covariance of a tensor with this mean, in the given structure."""
+    if structure == "full":
+        batch = batch_expr(sym)
+        per_sample = tensor_bytes(sym, mean_value) / _itemsize(mean_value) / batch
+        return sympy.expand(batch * per_sample**2 * _itemsize(mean_value))
+    return tensor_bytes(sym, mean_value)
+
+
+def _aliases(node: torch.fx.Node) -> bool:
+    """True when the op's output is a view of an input (per its schema), so it allocates nothing."""
+    if node.target is operator.getitem:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
+def _structure(node: torch.fx.Node, kinds: dict[str, str]) -> str:
+    if node.target is input_covariance:
+        return node.args[3]
+    if node.target is operator.getitem:
+        return kinds.get(node.args[0].name, "diag")
+    if node.op == "call_function" and len(node.args) >= 8:
+        return node.args[7]
+    return "param"
+
+
+def node_costs(sym: SymbolicCapture, paired: PairedGraph) -> list[NodeCost]:
+    """Every node of the paired graph, in schedule order, with its bytes."""
+    graph = paired.graph_module.graph
+    originals = {n.name: n for n in sym.captured.graph_module.graph.nodes}
+    means = {n.name: n for n in graph.nodes if n.meta.get(ROLE, {}).get("role") == "mean"}
+    kinds: dict[str, str] = {}
+    costs = []
+    for node in graph.nodes:
+        info = node.meta.get(ROLE, {})
+        reads = [n.name for n in node.all_input_nodes]
+        if node.op == "output":
+            costs.append(NodeCost(node.name, "output", "", "", "", sympy.Integer(0), None, False, reads))
+            continue
+        module = _module(originals.get(info.get("of", node.name)))
+        if info.get("role") == "mean":
+            value = node.meta.get("val")
+            static = node.op in ("placeholder", "get_attr")
+            alias = node.all_input_nodes[0].name if _aliases(node) and node.all_input_nodes else None
+            nbytes = sympy.Integer(0) if alias else tensor_bytes(sym, value)
+            costs.append(NodeCost(node.name, "mean", node.name, "", "", nbytes, alias, static, reads, module=module))
+            continue
+        rule = info.get("rule", "")
+        if node.op == "get_attr":
+            tensor = getattr(paired.graph_module, node.target)
+            nbytes = sympy.Integer(tensor.numel() * tensor.element_size())
+            kinds[node.name] = "param"
+            costs.append(NodeCost(node.name, "cov", info.get("of", ""), rule, "param", nbytes, None, True, reads,
+                                  module=module))
+            continue
+        structure = _structure(node, kinds)
+        kinds[node.name] = structure
+        mean_node = means.get(info.get("of", ""))
+        mean_alias = mean_node is not None and _aliases(mean_node) and node.target is not input_covariance
+        cov_inputs = [n for n in node.all_input_nodes if n.meta.get(ROLE, {}).get("role") == "cov"]
+        given_full_input = node.target is input_covariance and (node.args[2] == "full" or structure == "diag")
+        if mean_alias or node.target is operator.getitem or given_full_input:
+            base = (cov_inputs or node.all_input_nodes[-1:])[0]
+            costs.append(NodeCost(node.name, "cov", info.get("of", ""), rule, structure, sympy.Integer(0),
+                                  base.name, False, reads, module=module))
+            continue
+        value = mean_node.meta.get("val") if mean_node is not None else None
+        if structure.startswith("param"):
+            nbytes = tensor_bytes(sym, value)
+        else:
+            nbytes = covariance_bytes(sym, value, structure)
+        costs.append(NodeCost(node.name, "cov", info.get("of", ""), rule, structure, nbytes, None, False, reads,
+                              module=module))
+    return costs
+
+
+_PATH_PART = re.compile(r"\._modules\['([^']+)'\]|\['([^']+)'\]|\.(\w+)")
+
+
+def _module(node: torch.fx.Node | None) -> str:
+    """The dotted path of the innermost module that produced ``node`` ("" at top level)."""
+    stack = (node.meta.get("nn_module_stack") or {}) if node is not None else {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    rest = re.sub(r"^L\['[^']+'\]", "", path)
+    return ".".join(next(g for g in groups if g) for groups in _PATH_PART.findall(rest))
+
+
+def liveness_points(costs: list[NodeCost], value=lambda e: e) -> list:
+    """Live bytes at every program point: sympy expressions, or numbers when ``value`` evaluates.
+
+    A storage lives from its allocating node to the last node reading it or
+    any of its views; outputs live to the end. While a node runs, the storages
+    of other nodes that are live then add to the node's own in-node
+    allocation points (its workspace, ending with its output).
+    """
+    position = {c.name: i for i, c in enumerate(costs)}
+    root = {}
+    for cost in costs:
+        root[cost.name] = root.get(cost.alias_of, cost.alias_of) if cost.alias_of else cost.name
+    last_use = {c.name: position[c.name] for c in costs}
+    for cost in costs:
+        for read in cost.reads:
+            owner = root.get(read, read)
+            last_use[owner] = max(last_use[owner], position[cost.name])
+    dynamic = [(position[c.name], last_use[c.name], value(c.bytes)) for c in costs
+               if not c.static and c.bytes != 0 and root[c.name] == c.name]
+    points = []
+    for cost in costs:
+        if cost.static or cost.role == "output":
+            continue
+        here = position[cost.name]
+        others = sum((b for start, end, b in dynamic if start < here <= end), 0)
+        own = cost.workspace or ([cost.bytes] if root[cost.name] == cost.name else [])
+        points.extend(others + value(p) for p in own)
+    return points
+
+
+def undominated(exprs: list[sympy.Expr]) -> list[sympy.Expr]:
+    """Drop every expression that another one bounds from above for all positive sizes."""
+    unique = list(dict.fromkeys(exprs))
+    kept = []
+    for i, e in enumerate(unique):
+        if not any(j != i and _dominates(other, e) and (not _dominates(e, other) or j < i)
+                   for j, other in enumerate(unique)):
+            kept.append(e)
+    return kept
+
+
+def _dominates(big: sympy.Expr, small: sympy.Expr) -> bool:
+    difference = sympy.Poly(sympy.expand(big - small), *sorted(big.free_symbols | small.free_symbols, key=str)) \
+        if (big.free_symbols | small.free_symbols) else None
+    if difference is None:
+        return big >= small
+    return all(c >= 0 for c in difference.coeffs())
+
+
+class _Profile(torch.fx.Interpreter):
+    """Runs a graph on fake tensors, recording per node its FLOPs and the bytes it holds at each allocation."""
+
+    def __init__(self, gm: torch.fx.GraphModule, mode: FakeTensorMode | None, tracker: LiveBytes) -> None:
+        super().__init__(gm)
+        self.mode = mode
+        self.tracker = tracker
+        self.flops: dict[str, int] = {}
+        self.points: dict[str, list[int]] = {}
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        return self.mode.from_tensor(value) if self.mode is not None else value
+
+    def run_node(self, n: torch.fx.Node):
+        start = self.tracker.live
+        self.tracker.reset_points()
+        with FlopCounterMode(display=False) as counter:
+            result = super().run_node(n)
+        self.flops[n.name] = counter.get_total_flops()
+        self.points[n.name] = [p - start for p in self.tracker.points]
+        return result
+
+
+def profile(sym: SymbolicCapture, paired: PairedGraph, sizes: Sizes) -> _Profile:
+    """FLOPs and in-node allocation points of every node at concrete sizes.
+
+    Runs on fake tensors (nothing allocated); a rule that cannot run on fake
+    tensors makes it fall back to real ones, which is cheap at the grid's
+    small sizes.
+    """
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def make(placeholder, shape):
+        if torch.is_floating_point(placeholder.tensor):
+            return torch.randn(shape, dtype=placeholder.tensor.dtype)
+        return torch.zeros(shape, dtype=placeholder.tensor.dtype)
+
+    try:
+        with mode:
+            inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
+                      for x in sym.graph_inputs(sizes, make)]
+            with torch.no_grad(), LiveBytes() as tracker:
+                prop = _Profile(paired.graph_module, mode, tracker)
+                prop.run(*inputs)
+    except (RuntimeError, TypeError, ValueError):
+        with torch.no_grad(), LiveBytes() as tracker:
+            prop = _Profile(paired.graph_module, None, tracker)
+            prop.run(*sym.graph_inputs(sizes, make))
+    return prop
+
+
+def _node_key(node: torch.fx.Node) -> tuple:
+    """What determines a node's FLOPs and workspace: its op, its structure and which inputs are uncertain."""
+    info = node.meta.get(ROLE, {})
+    if info.get("role") == "cov" and node.op == "call_function" and len(node.args) >= 8:
+        return (info["of"], info["rule"], repr(node.args[4]), repr(node.args[5]), node.args[7])
+    return (node.name, info.get("role"), info.get("rule"))
+
+
+class Interpolator:
+    """Fits per-node polynomials in the size symbols from fake runs on a grid, caching by node key."""
+
+    def __init__(self, sym: SymbolicCapture) -> None:
+        self.sym = sym
+        self.names = list(sym.symbols)
+        degrees = [FLOP_DEGREES.get(n, 3) for n in self.names]
+        self.grid = [dict(zip(self.names, p)) for p in itertools.product(*[range(2, d + 3) for d in degrees])]
+        monomials = list(itertools.product(*[range(d + 1) for d in degrees]))
+        basis = sympy.Matrix([[sympy.Mul(*(point[n] ** e for n, e in zip(self.names, m))) for m in monomials]
+                              for point in self.grid])
+        self.inverse = basis.inv()
+        symbols = [sym.symbols[n] for n in self.names]
+        self.terms = [sympy.Mul(*(s**e for s, e in zip(symbols, m))) for m in monomials]
+        self.cache: dict[tuple, tuple[sympy.Expr, list[sympy.Expr]]] = {}
+
+    def fit(self, values: list[int]) -> sympy.Expr:
+        coefficients = self.inverse * sympy.Matrix(values)
+        return sympy.expand(sum(c * t for c, t in zip(coefficients, self.terms)))
+
+    def fill(self, paired: PairedGraph, costs: list[NodeCost]) -> None:
+        """Set ``flops`` and ``workspace`` of every node, profiling the graph only for unseen node keys."""
+        nodes = {n.name: n for n in paired.graph_module.graph.nodes}
+        keys = {c.name: _node_key(nodes[c.name]) for c in costs if c.name in nodes}
+        if any(k not in self.cache for k in keys.values()):
+            runs = [profile(self.sym, paired, point) for point in self.grid]
+            for name, key in keys.items():
+                if key in self.cache:
+                    continue
+                flops = self.fit([run.flops.get(name, 0) for run in runs])
+                series = [run.points.get(name, []) for run in runs]
+                if len({len(s) for s in series}) == 1:
+                    points = [self.fit([s[k] for s in series]) for k in range(len(series[0]))]
+                else:
+                    points = [self.fit([max(s, default=0) for s in series])]
+                self.cache[key] = (flops, undominated(points))
+        for cost in costs:
+            if cost.name in keys:
+                cost.flops, cost.workspace = self.cache[keys[cost.name]]
+
+
+def cost_report(sym: SymbolicCapture, paired: PairedGraph, interpolator: Interpolator | None = None) -> CostReport:
+    """Bytes, FLOPs and workspace per node, static bytes and the liveness peak of a paired graph."""
+    costs = node_costs(sym, paired)
+    (interpolator or Interpolator(sym)).fill(paired, costs)
+    static = sympy.expand(sympy.Add(*(c.bytes for c in costs if c.static)))
+    return CostReport(costs, static, sym.symbols)

@@ -1,0 +1,423 @@
+"""The memory-budget planner: which layers are Bayesian, and in which structure, within a budget.
+
+A *layer* is a module owning parameters of the posterior. A plan gives every
+layer a structure ("diag": its posterior as given, or "none": deterministic)
+and the whole graph one activation covariance ("diag" or "full").
+
+Fidelity is measured on a calibration batch (the example input): every
+candidate plan the search looks at is run (eager, at the example's sizes) and
+its output variance compared with that of the richest affordable reference:
+every layer on, "full" activations when that run fits ``reference_budget``,
+else "diag". The measure is one minus the mean relative variance error,
+
+    fidelity = 1 - mean_i |v_plan,i - v_ref,i| / v_ref,i      (clipped to [0, 1]),
+
+over the output elements with v_ref > 0: 1 reproduces the reference, 0 is a
+deterministic network. Results are cached per (layers, structure). Per-layer
+variances do not simply add up (a layer's input variance multiplies the next
+layer's weight variance), which is why every candidate is run.
+
+Search: for each activation structure a greedy chain starts from no Bayesian
+layer and repeatedly adds the layer with the best fidelity gain per byte of
+total memory at the requested sizes, while the gain is positive. A budget takes
+the longest prefix of a chain that fits, and the structure whose prefix has
+the higher fidelity. The chain does not depend on the budget, so a larger
+budget never gets a lower fidelity.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+from tqdm import tqdm
+
+from ..backend import StreamlineOptions, _sources
+from ..errors import FxstreamError
+from ..passes import PairedGraph, pair, prune
+from ..posterior import Diagonal, Posterior
+from .cost import CostReport, Interpolator, cost_report
+from .symbolic import Dims, SymbolicCapture, capture_symbolic
+
+STRUCTURES = ("diag", "full")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class BudgetError(FxstreamError):
+    """No plan fits the memory budget at the requested sizes.
+
+    ``minimum_bytes``: the budget the cheapest plan needs at those sizes;
+    ``largest_batch``: the largest batch whose cheapest plan fits the budget
+    (0: none; None: the model has no batch size symbol).
+    """
+
+    def __init__(self, message: str, minimum_bytes: int | None = None, largest_batch: int | None = None) -> None:
+        super().__init__(message)
+        self.minimum_bytes = minimum_bytes
+        self.largest_batch = largest_batch
+
+
+def parse_bytes(budget: int | float | str) -> int:
+    """Bytes from an int or a string such as "2GiB", "512 MB", "1e9"."""
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        value = int(budget)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(budget))
+        if match is None or match.group(2).lower() not in _UNITS:
+            raise FxstreamError(f"cannot read the budget '{budget}': use bytes or e.g. '2GiB', '512MB'")
+        value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise FxstreamError(f"the budget must be positive, got {budget}")
+    return value
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@dataclass
+class LayerRow:
+    """One layer of a plan: its structure, why, and what it costs."""
+
+    layer: str
+    parameters: list[str]
+    structure: str
+    reason: str
+    posterior_bytes: int
+    gain: float = 0.0
+    bytes: sympy.Expr = sympy.Integer(0)
+    flops: sympy.Expr = sympy.Integer(0)
+
+
+@dataclass
+class Plan:
+    """A chosen plan: per-layer rows, the activation structure, totals and formulas."""
+
+    activation_cov: str
+    layers: list[LayerRow]
+    sizes: dict[str, int]
+    budget: int
+    fidelity: float
+    report: CostReport = field(repr=False)
+    posterior: Posterior = field(repr=False)
+    limits: dict[str, int | None] = field(default_factory=dict)
+    reference: str = ""
+
+    @property
+    def total_bytes(self) -> sympy.Expr:
+        return self.report.total_bytes
+
+    @property
+    def flops(self) -> sympy.Expr:
+        return self.report.flops
+
+    def total_at(self, sizes: Mapping[str, int] | None = None) -> int:
+        return self.report.total_at({**self.sizes, **(sizes or {})})
+
+    def streamline_kwargs(self) -> dict:
+        """The keyword arguments of :func:`fxstream.streamline` that apply this plan."""
+        return {"posterior": self.posterior, "activation_cov": self.activation_cov}
+
+    def to_dict(self) -> dict:
+        sizes = self.sizes
+        return {
+            "activation_cov": self.activation_cov,
+            "sizes": sizes,
+            "budget": self.budget,
+            "fidelity": self.fidelity,
+            "reference": self.reference,
+            "total_bytes": self.total_at(),
+            "total_bytes_formula": str(self.total_bytes),
+            "static_bytes_formula": str(self.report.static_bytes),
+            "peak_bytes_formula": str(self.report.peak_bytes),
+            "flops": self.report.evaluate(self.flops, sizes),
+            "flops_formula": str(self.flops),
+            "limits": self.limits,
+            "layers": [
+                {"layer": r.layer, "structure": r.structure, "reason": r.reason, "parameters": r.parameters,
+                 "posterior_bytes": r.posterior_bytes, "fidelity_gain": r.gain,
+                 "cov_bytes": self.report.evaluate(r.bytes, sizes), "cov_bytes_formula": str(r.bytes),
+                 "flops": self.report.evaluate(r.flops, sizes), "flops_formula": str(r.flops)}
+                for r in self.layers
+            ],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self) -> str:
+        """A text report: one row per layer, then totals and limits."""
+        from tabulate import tabulate
+
+        sizes = self.sizes
+        rows = [[r.layer, r.structure, r.reason, f"{r.gain:+.3f}", format_bytes(r.posterior_bytes),
+                 format_bytes(self.report.evaluate(r.bytes, sizes)), str(r.bytes),
+                 f"{self.report.evaluate(r.flops, sizes):.3g}", str(r.flops)] for r in self.layers]
+        layers = tabulate(rows, headers=["layer", "structure", "why", "fidelity gain", "posterior",
+                                         "cov bytes", "cov bytes formula", "cov FLOPs", "cov FLOPs formula"])
+        limits = ", ".join(f"max {k} {v if v is not None else 'unbounded'}" for k, v in self.limits.items())
+        totals = tabulate([
+            ["activation covariance", self.activation_cov],
+            ["sizes", ", ".join(f"{k}={v}" for k, v in sizes.items())],
+            ["budget", format_bytes(self.budget)],
+            ["total (static + peak)", f"{format_bytes(self.total_at())} = {self.total_bytes}"],
+            ["FLOPs", f"{self.report.evaluate(self.flops, sizes):.4g} = {self.flops}"],
+            ["fidelity (measured)", f"{self.fidelity:.3f} (1 - mean relative variance error vs {self.reference})"],
+            ["limits for the budget", limits or "-"],
+        ], tablefmt="plain")
+        return f"{layers}\n\n{totals}"
+
+
+class Planner:
+    """Everything a plan needs, computed once per model: capture, calibration, cost cache."""
+
+    def __init__(self, model: torch.nn.Module, args: tuple, posterior: Diagonal, dims: Dims,
+                 reference_budget: int = 2**30, progress: bool = False) -> None:
+        if not isinstance(posterior, Diagonal):
+            raise FxstreamError(f"the planner needs a Diagonal posterior to choose from, got "
+                                f"{type(posterior).__name__}")
+        posterior.validate(dict(model.named_parameters()))
+        self.model, self.args, self.posterior = model, args, posterior
+        self.progress = progress
+        self.sym: SymbolicCapture = capture_symbolic(model, args, dims)
+        self.interpolator = Interpolator(self.sym)
+        self._reports: dict[tuple, CostReport] = {}
+        self.layers = _group(posterior.parameter_names())
+        self.unsupported: dict[str, str] = {}
+        self.supported: set[tuple[str, str]] = set()
+        self._variances: dict[tuple, torch.Tensor] = {}
+        self.structures = [s for s in STRUCTURES if self._calibrate(s)]
+        if not self.structures:
+            raise FxstreamError("no layer of the posterior can be made Bayesian: " + "; ".join(
+                f"{layer}: {why}" for layer, why in self.unsupported.items()))
+        self.reference, self.reference_var = self._reference(reference_budget)
+
+    def subset(self, layers) -> Diagonal:
+        return Diagonal({p: self.posterior.variances[p] for layer in layers for p in self.layers[layer]})
+
+    def paired(self, layers, structure: str) -> PairedGraph:
+        options = StreamlineOptions(posterior=self.subset(layers), activation_cov=structure, model=self.model)
+        paired = pair(self.sym.captured, _sources(self.sym.captured, options), structure)
+        prune(paired)
+        return paired
+
+    def report(self, layers, structure: str) -> CostReport:
+        key = (frozenset(layers), structure)
+        if key not in self._reports:
+            self._reports[key] = cost_report(self.sym, self.paired(layers, structure), self.interpolator)
+        return self._reports[key]
+
+    def output_variance(self, layers, structure: str) -> torch.Tensor:
+        """The plan's output variance on the calibration batch (cached)."""
+        key = (frozenset(layers), structure)
+        if key not in self._variances:
+            self._variances[key] = self._run(layers, structure)
+        return self._variances[key]
+
+    def _run(self, layers, structure: str) -> torch.Tensor:
+        paired = self.paired(layers, structure)
+        inputs = self.sym.graph_inputs(self.sym.example_sizes, lambda p, shape: self._example(p))
+        with torch.no_grad():
+            outputs = paired.graph_module(*inputs)
+        cov = outputs[paired.num_outputs]
+        return cov.diagonal(dim1=-2, dim2=-1).reshape(-1) if paired.cov_kinds[0] == "full" else cov.reshape(-1)
+
+    def _example(self, placeholder):
+        return next(a for a in self.sym.example_args if a is placeholder.tensor or
+                    (isinstance(a, torch.Tensor) and a.shape == placeholder.tensor.shape))
+
+    def _calibrate(self, structure: str) -> bool:
+        usable = False
+        layers = self.layers if not self.progress else tqdm(self.layers, desc=f"calibrate {structure}", leave=False)
+        for layer in layers:
+            try:
+                self.output_variance([layer], structure)
+                self.supported.add((layer, structure))
+                usable = True
+            except FxstreamError as error:
+                self.unsupported.setdefault(layer, str(error).split(". ")[0])
+            except (ValueError, RuntimeError) as error:
+                self.unsupported.setdefault(layer, f"{structure} activations: {str(error).splitlines()[0]}")
+        return usable
+
+    def _reference(self, reference_budget: int) -> tuple[str, torch.Tensor]:
+        for structure in reversed(self.structures):
+            layers = [layer for layer in self.layers if (layer, structure) in self.supported]
+            if self.report(layers, structure).total_at(self.sym.example_sizes) <= reference_budget:
+                return structure, self.output_variance(layers, structure)
+        structure = self.structures[0]
+        layers = [layer for layer in self.layers if (layer, structure) in self.supported]
+        return structure, self.output_variance(layers, structure)
+
+    def fidelity(self, layers, structure: str) -> float:
+        """1 - mean relative variance error of the plan's measured output variance against the reference."""
+        if not layers:
+            return 0.0
+        return _fidelity(self.output_variance(layers, structure), self.reference_var)
+
+    def chain(self, structure: str, sizes: Mapping[str, int]) -> list[tuple[frozenset, float, int]]:
+        """Greedy upgrade chain: (layers, fidelity, total bytes) from one layer to all useful ones."""
+        chosen: frozenset[str] = frozenset()
+        fidelity, total = 0.0, 0
+        candidates = [layer for layer in self.layers if (layer, structure) in self.supported]
+        steps = []
+        bar = tqdm(total=len(candidates), desc=f"plan {structure}", leave=False, disable=not self.progress)
+        while True:
+            best = None
+            for layer in candidates:
+                if layer in chosen:
+                    continue
+                layers = chosen | {layer}
+                gain = self.fidelity(layers, structure) - fidelity
+                cost = self.report(layers, structure).total_at(sizes)
+                if gain <= 0:
+                    continue
+                score = gain / max(cost - total, 1)
+                if best is None or score > best[0]:
+                    best = (score, layers, fidelity + gain, cost)
+            if best is None:
+                break
+            _, chosen, fidelity, total = best
+            steps.append((chosen, fidelity, total))
+            bar.update(1)
+        bar.close()
+        return steps
+
+
+def _fidelity(estimate: torch.Tensor, reference: torch.Tensor) -> float:
+    mask = reference > 0
+    if not mask.any():
+        return 0.0
+    error = ((estimate[mask] - reference[mask]).abs() / reference[mask]).mean().item()
+    return max(0.0, 1.0 - error)
+
+
+def _group(names: list[str]) -> dict[str, list[str]]:
+    layers: dict[str, list[str]] = {}
+    for name in names:
+        layers.setdefault(name.rpartition(".")[0] or name, []).append(name)
+    return layers
+
+
+def choose(planner: Planner, budget: int | str, sizes: Mapping[str, int] | None = None) -> Plan:
+    """The best plan for ``budget`` at ``sizes`` (default: the example's sizes)."""
+    budget = parse_bytes(budget)
+    sizes = {**planner.sym.example_sizes, **(sizes or {})}
+    unknown = sorted(set(sizes) - set(planner.sym.symbols))
+    if unknown:
+        raise FxstreamError(f"the model has no symbolic size {unknown}; it has {sorted(planner.sym.symbols)}")
+    chains = {s: planner.chain(s, sizes) for s in planner.structures}
+    best = None
+    for structure, steps in chains.items():
+        prefix = _longest_prefix(steps, budget)
+        if prefix is None:
+            continue
+        layers, fidelity, total = steps[prefix]
+        if best is None or (fidelity, -total) > (best[2], -best[3]):
+            best = (structure, layers, fidelity, total)
+    if best is None:
+        raise _infeasible(planner, chains, budget, sizes)
+    structure, layers, fidelity, _ = best
+    report = planner.report(layers, structure)
+    posterior = planner.subset(layers)
+    rows = _rows(planner, layers, structure, report)
+    plan = Plan(structure, rows, dict(sizes), budget, fidelity, report, posterior,
+                limits=_limits(report, budget, sizes), reference=planner.reference)
+    return plan
+
+
+def _longest_prefix(steps, budget: int) -> int | None:
+    """Index of the last step k such that steps 0..k all fit, so a larger budget never goes backwards."""
+    last = None
+    for i, (_, _, total) in enumerate(steps):
+        if total > budget:
+            break
+        last = i
+    return last
+
+
+def _rows(planner: Planner, layers: frozenset, structure: str, report: CostReport) -> list[LayerRow]:
+    rows = []
+    for layer, params in planner.layers.items():
+        posterior_bytes = sum(planner.posterior.variances[p].numel() * planner.posterior.variances[p].element_size()
+                              for p in params)
+        if layer in layers:
+            gain = planner.fidelity(layers, structure) - planner.fidelity(layers - {layer}, structure)
+            mine = [n for n in report.nodes if n.role == "cov" and not n.static and n.module == layer]
+            rows.append(LayerRow(layer, params, "diag", "chosen", posterior_bytes, gain,
+                                 sympy.Add(*(n.bytes for n in mine)), sympy.Add(*(n.flops for n in mine))))
+        elif (layer, structure) not in planner.supported:
+            why = planner.unsupported.get(layer, f"no '{structure}' rule on its path")
+            rows.append(LayerRow(layer, params, "none", f"cannot: {why}", posterior_bytes))
+        else:
+            rows.append(LayerRow(layer, params, "none", "budget or no gain", posterior_bytes))
+    return rows
+
+
+def _limits(report: CostReport, budget: int, sizes: Mapping[str, int]) -> dict[str, int | None]:
+    """The largest value of each size (others as given) whose total still fits the budget."""
+    return {name: largest_fitting(report, budget, sizes, name) for name in report.symbols}
+
+
+def largest_fitting(report: CostReport, budget: int, sizes: Mapping[str, int], name: str,
+                    ceiling: int = 2**40) -> int | None:
+    """Binary search for the largest ``name`` with total bytes <= budget (0 if even 1 does not fit)."""
+    def fits(value: int) -> bool:
+        return report.total_at({**sizes, name: value}) <= budget
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while fits(high):
+        low, high = high, high * 2
+        if high > ceiling:
+            return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def _infeasible(planner: Planner, chains, budget: int, sizes: Mapping[str, int]) -> BudgetError:
+    firsts = [(steps[0][2], structure, steps[0][0]) for structure, steps in chains.items() if steps]
+    if not firsts:
+        return BudgetError("no layer adds output variance, so there is nothing to plan")
+    minimum, structure, layers = min(firsts, key=lambda f: f[0])
+    report = planner.report(layers, structure)
+    batch = largest_fitting(report, budget, sizes, "batch") if "batch" in report.symbols else None
+    at = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    if batch is None:
+        hint = ""
+    elif batch == 0:
+        hint = "; no batch size fits this budget"
+    else:
+        hint = f"; at this budget the largest batch that fits is {batch}"
+    return BudgetError(f"no plan fits {format_bytes(budget)} at {at}: the cheapest plan (layer "
+                       f"{', '.join(sorted(layers))}, {structure} activations) needs {format_bytes(minimum)} "
+                       f"({minimum} bytes){hint}", minimum, batch)
+
+
+def plan(model: torch.nn.Module, example_args: tuple | torch.Tensor, posterior: Diagonal, budget: int | str, *,
+         sizes: Mapping[str, int] | None = None, dims: Dims | None = None, progress: bool = False) -> Plan:
+    """Choose per layer the structure that maximises fidelity within ``budget`` at ``sizes``.
+
+    Args:
+        model: the model in eval mode.
+        example_args: an example call ``model(*example_args)``; also the calibration batch.
+        posterior: the full posterior to choose from (``fxstream.Diagonal``).
+        budget: bytes, or a string such as "2GiB".
+        sizes: the sizes to plan for, e.g. ``{"batch": 32, "seq": 512}`` (default: the example's).
+        dims: which input dimensions are which size (default: dim 0 of the first input is "batch").
+    """
+    args = example_args if isinstance(example_args, tuple) else (example_args,)
+    planner = Planner(model, args, posterior, dims or {(0, 0): "batch"}, progress=progress)
+    return choose(planner, budget, sizes)

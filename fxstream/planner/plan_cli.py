@@ -1,0 +1,86 @@
+"""``fxstream plan TARGET --budget 2GiB --batch 32``: what fits the budget, layer by layer."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..errors import FxstreamError
+from ..posterior import Diagonal
+from .plan import Planner, choose, parse_bytes
+from .targets import Target, available, load
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``plan`` sub-command."""
+    parser = subparsers.add_parser(
+        "plan", help="choose per-layer covariance structures that fit a memory budget",
+        description="Plan the predictive of TARGET within a memory budget: per layer the structure, its bytes "
+                    "and FLOPs (with formulas in batch/seq), totals, and the largest batch/seq the budget allows.")
+    add_target_arguments(parser)
+    parser.add_argument("--budget", required=True, type=_budget, help="memory budget: bytes or e.g. 2GiB, 512MB")
+    parser.add_argument("--batch", type=_positive, help="batch size to plan for (default: the example's)")
+    parser.add_argument("--seq", type=_positive, help="sequence length to plan for (token models)")
+    parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    parser.set_defaults(run=run)
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """TARGET, --posterior and --variance, shared by plan and inspect."""
+    parser.add_argument("target", metavar="TARGET",
+                        help=f"a built-in model ({', '.join(available())}) or module:callable returning "
+                             "(model, example_input)")
+    parser.add_argument("--posterior", metavar="FILE",
+                        help="torch.save'd dict of parameter name -> variance tensor (a diagonal posterior); "
+                             "default: every parameter with variance --variance")
+    parser.add_argument("--variance", type=float, default=1e-3,
+                        help="variance of every parameter when no --posterior is given (default 1e-3)")
+
+
+def _budget(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except FxstreamError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def load_posterior(target: Target, path: str | None, variance: float) -> Diagonal:
+    """The diagonal posterior from FILE, or ``variance`` on every parameter."""
+    if path is None:
+        return Diagonal({n: torch.full_like(p, variance) for n, p in target.model.named_parameters()})
+    try:
+        variances = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as error:
+        raise FxstreamError(f"cannot read the posterior file '{path}': {str(error).splitlines()[0]}") from None
+    if not isinstance(variances, dict):
+        raise FxstreamError(f"the posterior file '{path}' must hold a dict of parameter name -> variance tensor")
+    posterior = Diagonal(variances)
+    posterior.validate(dict(target.model.named_parameters()))
+    return posterior
+
+
+def run(args: argparse.Namespace) -> int:
+    target = load(args.target)
+    sizes = {}
+    if args.batch is not None:
+        sizes["batch"] = args.batch
+    if args.seq is not None:
+        if not any(name == "seq" for name in target.dims.values()):
+            raise FxstreamError(f"target '{args.target}' has no sequence dimension; drop --seq")
+        sizes["seq"] = args.seq
+    posterior = load_posterior(target, args.posterior, args.variance)
+    planner = Planner(target.model, target.args, posterior, target.dims, progress=True)
+    chosen = choose(planner, args.budget, sizes)
+    print(chosen.to_json() if args.format == "json" else chosen.table())
+    return 0

@@ -1,0 +1,162 @@
+"""Cost model and planner: formulas against measured tensors, plans against their budgets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxstream
+from fxstream.planner import BudgetError, LiveBytes, Planner, choose, cost_report, measure_peak, parse_bytes
+from fxstream.planner.cost import profile
+from fxstream.planner.symbolic import capture_symbolic
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 48), torch.nn.Tanh(), torch.nn.Linear(48, 48), torch.nn.ReLU(),
+                               torch.nn.Linear(48, 5)).eval()
+
+
+def _cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 6)).eval()
+
+
+def _posterior(model: torch.nn.Module, variance: float = 1e-2) -> fxstream.Diagonal:
+    return fxstream.Diagonal({n: torch.full_like(p, variance) for n, p in model.named_parameters()})
+
+
+@pytest.fixture(scope="module")
+def mlp_planner() -> Planner:
+    torch.manual_seed(0)
+    model = _mlp()
+    return Planner(model, (torch.randn(4, 12),), _posterior(model), {(0, 0): "batch"})
+
+
+class _Outputs(torch.fx.Interpreter):
+    """Runs a graph and keeps the bytes of every node's output storage."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.bytes: dict[str, int] = {}
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            self.bytes[n.name] = result.numel() * result.element_size()
+        return result
+
+
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_node_byte_formulas_equal_real_tensor_sizes(mlp_planner: Planner, structure: str) -> None:
+    layers = list(mlp_planner.layers)
+    report = mlp_planner.report(layers, structure)
+    paired = mlp_planner.paired(layers, structure)
+    torch.manual_seed(1)
+    interpreter = _Outputs(paired.graph_module)
+    interpreter.run(*mlp_planner.sym.graph_inputs({"batch": 37}, lambda p, shape: torch.randn(shape)))
+    checked = 0
+    for node in report.nodes:
+        if node.alias_of is None and not node.static and node.name in interpreter.bytes:
+            assert report.evaluate(node.bytes, {"batch": 37}) == interpreter.bytes[node.name], node.name
+            checked += 1
+    assert checked >= 6
+
+
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_flop_formula_equals_counted_flops_off_the_grid(mlp_planner: Planner, structure: str) -> None:
+    layers = list(mlp_planner.layers)
+    report = mlp_planner.report(layers, structure)
+    counted = profile(mlp_planner.sym, mlp_planner.paired(layers, structure), {"batch": 23}).flops
+    assert report.evaluate(report.flops, {"batch": 23}) == sum(counted.values()) > 0
+
+
+@pytest.mark.parametrize("make, shape", [(_mlp, (4, 12)), (_cnn, (4, 1, 8, 8))])
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_predicted_peak_within_15_percent_of_measured(make, shape, structure: str) -> None:
+    model = make()
+    torch.manual_seed(0)
+    sym = capture_symbolic(model, (torch.randn(*shape),), {(0, 0): "batch"})
+    options = fxstream.StreamlineOptions(posterior=_posterior(model), activation_cov=structure, model=model)
+    from fxstream.backend import _sources
+    from fxstream.passes import pair, prune
+
+    paired = pair(sym.captured, _sources(sym.captured, options), structure)
+    prune(paired)
+    report = cost_report(sym, paired)
+    for batch in (9, 40):
+        inputs = sym.graph_inputs({"batch": batch}, lambda p, s: torch.randn(s))
+        measured = measure_peak(paired.graph_module, *inputs)
+        predicted = report.peak_at({"batch": batch})
+        assert abs(predicted - measured) <= 0.15 * measured, (batch, predicted, measured)
+        assert predicted == int(report.peak_bytes.subs(report.symbols["batch"], batch))
+
+
+def test_live_bytes_counts_only_new_storages() -> None:
+    weight = torch.randn(100, 100)
+    with LiveBytes() as tracker:
+        view = weight.t()
+        product = weight @ weight
+        total = product.sum()
+        del product
+    assert tracker.peak == 100 * 100 * 4 + total.element_size()
+    assert tracker.live == total.element_size()
+    del view
+
+
+def test_every_plan_fits_its_budget_and_more_budget_never_lowers_fidelity(mlp_planner: Planner) -> None:
+    sizes = {"batch": 64}
+    fidelities = []
+    torch.manual_seed(2)
+    for budget in [40_000, 60_000, 100_000, 200_000, 400_000, 2_000_000, 50_000_000]:
+        try:
+            plan = choose(mlp_planner, budget, sizes)
+        except BudgetError:
+            assert not fidelities, "a smaller budget had a plan but a larger one has none"
+            continue
+        chosen = {row.layer for row in plan.layers if row.structure != "none"}
+        paired = mlp_planner.paired(chosen, plan.activation_cov)
+        inputs = mlp_planner.sym.graph_inputs(sizes, lambda p, s: torch.randn(s))
+        measured = plan.report.evaluate(plan.report.static_bytes, sizes) + measure_peak(paired.graph_module, *inputs)
+        assert measured <= budget, (budget, measured)
+        assert plan.total_at() <= budget
+        fidelities.append(plan.fidelity)
+    assert len(fidelities) >= 3
+    assert fidelities == sorted(fidelities)
+    assert fidelities[-1] == pytest.approx(1.0, abs=1e-6)  # an unlimited budget reproduces the reference
+
+
+def test_infeasible_budget_reports_minimum_and_largest_batch(mlp_planner: Planner) -> None:
+    with pytest.raises(BudgetError, match=r"needs .* \((\d+) bytes\); at this budget the largest batch") as info:
+        choose(mlp_planner, 30_000, {"batch": 256})
+    minimum, batch = info.value.minimum_bytes, info.value.largest_batch
+    assert f"({minimum} bytes)" in str(info.value) and str(info.value).endswith(f"fits is {batch}")
+    assert choose(mlp_planner, minimum, {"batch": 256}).total_at() <= minimum
+    assert choose(mlp_planner, 30_000, {"batch": batch}).total_at() <= 30_000
+    with pytest.raises(BudgetError):
+        choose(mlp_planner, 30_000, {"batch": batch + 1})
+
+
+def test_plan_applies_to_streamline(mlp_planner: Planner) -> None:
+    plan = choose(mlp_planner, 2_000_000, {"batch": 8})
+    torch.manual_seed(3)
+    x = torch.randn(8, 12)
+    out = fxstream.streamline(mlp_planner.model, backend="eager", **plan.streamline_kwargs())(x)
+    paired = mlp_planner.paired({row.layer for row in plan.layers if row.structure != "none"},
+                                plan.activation_cov)
+    inputs = mlp_planner.sym.graph_inputs({"batch": 8}, lambda p, s: x)
+    expected = paired.graph_module(*inputs)[paired.num_outputs]
+    var = expected.diagonal(dim1=-2, dim2=-1) if plan.activation_cov == "full" else expected
+    torch.testing.assert_close(out.var, var.reshape(out.var.shape))
+
+
+@pytest.mark.parametrize("text, value", [("2GiB", 2 * 2**30), ("512 MB", 512 * 10**6), ("1e3", 1000), (64, 64)])
+def test_parse_bytes(text, value) -> None:
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text", ["2 lightyears", "-5", "0", "GiB"])
+def test_parse_bytes_rejects_nonsense(text) -> None:
+    with pytest.raises(fxstream.FxstreamError):
+        parse_bytes(text)
