@@ -1,0 +1,41 @@
+"""Convolutions (1-D, 2-D, 3-D, grouped, depthwise, padding modes): exact moments, diag and full."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import Sample, act, cases, check_sample, param, randn
+
+aten = torch.ops.aten
+image = randn(2, 2, 5, 5, seed=1)
+w, b = randn(3, 2, 3, 3, seed=2), randn(3, seed=3)
+grouped_in, grouped_w = randn(2, 4, 4, 4, seed=4), randn(4, 2, 3, 3, seed=5)
+depthwise_w = randn(4, 1, 3, 3, seed=6)
+signal, w1 = randn(2, 2, 7, seed=7), randn(3, 2, 3, seed=8)
+tiny, tiny_w = randn(1, 2, 4, 4, seed=11), randn(2, 2, 3, 3, seed=12)
+volume, w3 = randn(1, 2, 3, 4, 4, seed=9), randn(2, 2, 2, 3, 3, seed=10)
+
+SAMPLES = [
+    Sample(aten.conv2d.default, (act(tiny, 0.5), param(tiny_w, 0.5), param(b[:2]), [1, 1], [1, 1], [1, 1], 1),
+           exact=True, monte_carlo=True, name="monte-carlo"),
+    Sample(aten.conv2d.default, (act(image), param(w), param(b), [1, 1], [1, 1], [1, 1], 1),
+           exact=True, name="all-uncertain"),
+    Sample(aten.conv2d.default, (image, param(w), param(b), [2, 2], [0, 0], [1, 1], 1),
+           exact=True, name="weights-only-strided"),
+    Sample(aten.conv2d.default, (act(image), w, b, [1, 1], [1, 1], [2, 2], 1), exact=True, name="dilated-input"),
+    Sample(aten.conv2d.default, (act(grouped_in), param(grouped_w), None, [1, 1], [1, 1], [1, 1], 2),
+           exact=True, name="groups"),
+    Sample(aten.conv2d.default, (act(grouped_in), param(depthwise_w), None, [1, 1], [0, 0], [1, 1], 4),
+           exact=True, name="depthwise"),
+    Sample(aten.conv1d.default, (act(signal), param(w1), param(b), [2], [1], [1], 1), exact=True),
+    Sample(aten.conv3d.default, (act(volume), param(w3), None, [1, 1, 1], [0, 1, 1], [1, 1, 1], 1), exact=True),
+    Sample(aten.conv1d.padding, (act(signal), param(w1), None, [1], "same", [1], 1), exact=True),
+    Sample(aten.conv2d.padding, (act(image), param(w), param(b), [1, 1], "same", [1, 1], 1), exact=True),
+    Sample(aten.conv3d.padding, (act(volume), param(w3), None, [1, 1, 1], "valid", [1, 1, 1], 1), exact=True),
+]
+
+
+@pytest.mark.parametrize("sample, structure", cases(SAMPLES))
+def test_rule(sample: Sample, structure: str) -> None:
+    check_sample(sample, structure)

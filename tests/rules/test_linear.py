@@ -1,0 +1,46 @@
+"""Linear maps with uncertain inputs and/or diagonal weight posteriors: exact moments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import Sample, act, cases, check_sample, param, randn
+
+aten = torch.ops.aten
+x = randn(3, 4, seed=1)
+tokens = randn(2, 3, 4, seed=2)
+w, b = randn(5, 4, seed=3), randn(5, seed=4)
+y = randn(2, 4, 5, seed=5)
+
+SAMPLES = [
+    Sample(aten.linear.default, (act(x, 0.5), param(w, 0.5), param(b)), exact=True, monte_carlo=True,
+           name="all-uncertain"),
+    Sample(aten.linear.default, (x, param(w), param(b)), exact=True, name="weights-only"),
+    Sample(aten.linear.default, (act(x), w, b), exact=True, name="input-only"),
+    Sample(aten.linear.default, (act(tokens), param(w)), exact=True, name="tokens"),
+    Sample(aten.addmm.default, (param(b), act(x), param(w.t())), {"beta": 0.5, "alpha": 2.0},
+           exact=True, name="scaled"),
+    Sample(aten.addmm.default, (param(b), x, param(w.t())), exact=True, name="weights-only"),
+    Sample(aten.mm.default, (act(x), param(w.t())), exact=True),
+    Sample(aten.matmul.default, (act(tokens), param(w.t())), exact=True, name="weight"),
+    Sample(aten.matmul.default, (act(tokens), act(y)), structures=("diag",), exact=True, name="two-activations"),
+    Sample(aten.bmm.default, (act(tokens, 0.5), act(y, 0.5)), structures=("diag",), exact=True, monte_carlo=True),
+    Sample(aten.bmm.default, (act(tokens), y), structures=("diag",), exact=True, name="deterministic-second"),
+]
+
+
+@pytest.mark.xfail(strict=True, reason="matmul/bmm full: a batched product with one uncertain operand is "
+                   "linear in it, but the rule rejects it (reported to the owner of rules/linear.py)")
+def test_batched_product_with_one_uncertain_operand_full() -> None:
+    check_sample(Sample(aten.bmm.default, (act(tokens), y), exact=True), "full")
+
+
+@pytest.mark.parametrize("sample, structure", cases(SAMPLES))
+def test_rule(sample: Sample, structure: str) -> None:
+    check_sample(sample, structure)
+
+
+def test_full_covariance_of_two_activations_is_rejected() -> None:
+    with pytest.raises(ValueError, match="not supported"):
+        check_sample(Sample(aten.bmm.default, (act(tokens), act(y))), "full")

@@ -1,0 +1,38 @@
+"""Every registered rule has a numerical test: the rule table and the harness's sample tables agree."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from fxstream.rules import RULES
+
+HERE = Path(__file__).parent
+
+
+def _sample_tables() -> dict[str, list]:
+    """SAMPLES of every tests/rules/test_<family>.py module, keyed by module name."""
+    tables = {}
+    for path in sorted(HERE.glob("test_*.py")):
+        spec = importlib.util.spec_from_file_location(f"sample_table_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if hasattr(module, "SAMPLES"):
+            tables[path.stem] = module.SAMPLES
+    return tables
+
+
+def test_every_registered_op_has_a_sample() -> None:
+    tables = _sample_tables()
+    covered = {sample.op for samples in tables.values() for sample in samples}
+    missing = sorted(f"{op} (rule '{rule.name}' in rules/{rule.family}.py)"
+                     for op, rule in RULES.items() if op not in covered)
+    assert not missing, (
+        "registered rules without a numerical test; add a Sample to "
+        "tests/rules/test_<family>.py for: " + ", ".join(missing)
+    )
+
+
+def test_every_sample_names_a_registered_op() -> None:
+    stale = sorted({str(s.op) for samples in _sample_tables().values() for s in samples if s.op not in RULES})
+    assert not stale, f"samples for ops that have no rule: {stale}"

@@ -1,0 +1,45 @@
+"""Shape and routing ops: variances move with the values, full covariances on both sides."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import Sample, act, cases, check_sample, param, randn
+
+aten = torch.ops.aten
+x, y = randn(2, 3, 4, seed=1), randn(2, 3, 4, seed=2)
+column, matrix = randn(2, 1, 3, seed=3), randn(3, 4, seed=4)
+
+SAMPLES = [
+    Sample(aten.view.default, (act(x), [2, 12])),
+    Sample(aten.reshape.default, (act(x), [2, 4, 3])),
+    Sample(aten._unsafe_view.default, (act(x), [2, 12])),
+    Sample(aten.flatten.using_ints, (act(x), 1)),
+    Sample(aten.permute.default, (act(x), [0, 2, 1])),
+    Sample(aten.transpose.int, (act(x), 1, 2)),
+    Sample(aten.t.default, (act(matrix),), structures=("diag",)),
+    Sample(aten.unsqueeze.default, (act(x), 2)),
+    Sample(aten.squeeze.dim, (act(column), 1)),
+    Sample(aten.squeeze.dims, (act(column), [1])),
+    Sample(aten.squeeze.default, (act(column),)),
+    Sample(aten.slice.Tensor, (act(x), 2, 1, 4, 2)),
+    Sample(aten.select.int, (act(x), 1, 2)),
+    Sample(aten.cat.default, ([act(x), act(y)], 1)),
+    Sample(aten.cat.default, ([act(x), y], 2), name="one-uncertain"),
+    Sample(aten.stack.default, ([act(x), act(y)], 1)),
+    Sample(aten.unflatten.int, (act(x), 2, [2, 2])),
+    Sample(aten.expand.default, (act(column), [2, 4, 3])),
+    Sample(aten.split.Tensor, (act(x), 2, 2)),
+    Sample(aten.split_with_sizes.default, (act(x), [1, 2], 1)),
+    Sample(aten.chunk.default, (act(x), 2, 2)),
+    Sample(aten.unbind.int, (act(x), 1)),
+    Sample(aten.t.default, (param(matrix),), structures=("param_diag",), name="parameter"),
+    Sample(aten.view.default, (param(matrix), [12]), structures=("param_diag",), name="parameter"),
+    Sample(aten.cat.default, ([param(matrix), param(matrix)],), structures=("param_diag",), name="parameter"),
+]
+
+
+@pytest.mark.parametrize("sample, structure", cases(SAMPLES))
+def test_rule(sample: Sample, structure: str) -> None:
+    check_sample(sample, structure)
