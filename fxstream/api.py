@@ -82,6 +82,8 @@ def streamline(
     input_var: torch.Tensor | float | None = None,
     input_cov: torch.Tensor | None = None,
     activation_cov: Literal["diag", "full"] = "diag",
+    attention: Literal["paper", "linearised"] = "paper",
+    norm: Literal["paper", "linearised"] = "paper",
     backend: Literal["inductor", "eager"] = "inductor",
     output: str | int | None = None,
 ) -> StreamlinedModel:
@@ -96,6 +98,11 @@ def streamline(
         input_cov: per-sample input covariance (N, N) over the input's N non-batch elements.
         activation_cov: "diag" (one variance per activation) or "full" (a covariance over
             all non-batch elements of each sample).
+        attention: "paper" takes attention probabilities from the mean queries and keys and
+            propagates only value uncertainty; "linearised" also propagates query/key uncertainty
+            through the softmax linearised at the mean.
+        norm: "paper" holds layer/RMS norm statistics at their values for the mean input;
+            "linearised" uses the norm's full Jacobian at the mean, through its statistics.
         backend: "inductor" compiles the rewritten graph; "eager" runs it as an FX GraphModule.
         output: the key or index of the output to return the predictive of, for models returning
             a dict, dataclass or tuple (default: "logits" if present, else the first tensor).
@@ -111,6 +118,7 @@ def streamline(
         input_var=input_var,
         input_cov=input_cov,
         activation_cov=activation_cov,
+        rule_options={"attention": attention, "norm": norm},
         backend=backend,
     )
     options.check()

@@ -20,6 +20,7 @@ from .errors import FxstreamError, NoPredictiveError, PosteriorMismatchError
 from .passes import CapturedGraph, PairedGraph, PruneReport, Source, capture, lower, pair, prune
 from .posterior import Posterior
 from .predictive import Predictive
+from .rules import RULE_OPTIONS
 
 _PREDICTIVES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -34,6 +35,7 @@ class StreamlineOptions:
     input_var: torch.Tensor | float | None = None
     input_cov: torch.Tensor | None = None
     activation_cov: str = "diag"
+    rule_options: dict[str, str] = field(default_factory=dict)
     backend: str = "inductor"
     outputs: list[int] | None = None
     model: torch.nn.Module | None = None
@@ -51,6 +53,10 @@ class StreamlineOptions:
         return made
 
     def check(self) -> None:
+        for name, choice in self.rule_options.items():
+            if name not in RULE_OPTIONS or choice not in RULE_OPTIONS[name]:
+                allowed = {key: list(values) for key, values in RULE_OPTIONS.items()}
+                raise FxstreamError(f"unknown rule option {name}={choice!r}; allowed: {allowed}")
         if self.activation_cov not in ("diag", "full"):
             raise FxstreamError(f"activation_cov must be 'diag' or 'full', got '{self.activation_cov}'")
         if self.likelihood not in (None, "classification", "regression"):
@@ -179,7 +185,7 @@ def _check_input_uncertainty(buffer: torch.Tensor, x: torch.Tensor, diagonal: bo
 def compile_streamlined(gm: torch.fx.GraphModule, example_inputs: list, options: StreamlineOptions) -> Streamlined:
     """Run the pipeline capture -> pair -> prune -> lower on one Dynamo graph."""
     captured = capture(gm, example_inputs)
-    paired = pair(captured, _sources(captured, options), options.activation_cov, options.outputs)
+    paired = pair(captured, _sources(captured, options), options.activation_cov, options.outputs, options.rule_options)
     report = prune(paired)
     streamlined = Streamlined(captured, paired, report, options)
     streamlined.compiled = lower(paired.graph_module, example_inputs, options.backend)

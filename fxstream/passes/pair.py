@@ -19,7 +19,7 @@ import torch.fx
 from torch.fx.node import map_aggregate
 
 from ..errors import CaptureError, FxstreamError
-from ..rules import RULES
+from ..rules import DEFAULT_RULE_OPTIONS, RULES, mean_only_nodes
 from .capture import CapturedGraph, module_path
 
 ROLE = "fxstream"
@@ -81,14 +81,20 @@ def pair(
     sources: Mapping[str, Source],
     structure: str,
     requested: list[int] | None = None,
+    rule_options: Mapping[str, str] | None = None,
 ) -> PairedGraph:
     """Copy the captured graph and pair each uncertain node with a covariance node.
 
     ``sources`` maps placeholder names to their uncertainty. ``requested``
     lists the flat output positions whose covariance the caller wants (default:
-    every floating-point output that carries uncertainty).
+    every floating-point output that carries uncertainty). ``rule_options``
+    (see ``RULE_OPTIONS``) reach every rule; under them some nodes are taken
+    at their means (e.g. attention probabilities in the paper's rule) and get
+    no covariance.
     """
+    options = {**DEFAULT_RULE_OPTIONS, **(rule_options or {})}
     old = captured.graph_module.graph
+    held_at_mean = mean_only_nodes(old, options)
     graph = torch.fx.Graph()
     root = torch.nn.Module()
     mean: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -110,6 +116,8 @@ def pair(
             break
         new = graph.node_copy(node, lambda n: mean[n])
         mean[node] = new
+        if node.op == "get_attr":
+            _copy_attribute(captured.graph_module, root, node.target)
         new.meta[ROLE] = {"role": "mean"}
         if node.op == "placeholder":
             if node.name in input_names:
@@ -132,7 +140,7 @@ def pair(
         if any(n in data_dependent for n in node.all_input_nodes):
             data_dependent.add(node)
         uncertain = [n for n in node.all_input_nodes if n in cov]
-        if not uncertain or not _carries_float(node):
+        if not uncertain or not _carries_float(node) or node in held_at_mean:
             continue
         if node.target is operator.getitem:
             source_node, index = node.args
@@ -151,7 +159,7 @@ def pair(
         problem = _rule_problem(rule, out_structure, uncertain, kind)
         if problem is None:
             cov_node = graph.call_function(
-                rule.graph_target, (args, kwargs, covs, kw_covs, kinds, kw_kinds, new, out_structure)
+                rule.graph_target, (args, kwargs, covs, kw_covs, kinds, kw_kinds, new, out_structure, options)
             )
             _tag(cov_node, node, rule.name)
         else:
@@ -179,6 +187,20 @@ def pair(
     graph.output(tuple(means_out) + tuple(cov[flat_outputs[i]] for i in cov_outputs))
     gm = torch.fx.GraphModule(root, graph, class_name="StreamlinedGraph")
     return PairedGraph(gm, len(flat_outputs), cov_outputs, cov_kinds, structure)
+
+
+def _copy_attribute(source: torch.nn.Module, target: torch.nn.Module, qualified: str) -> None:
+    """Give ``target`` the constant tensor (or submodule) a get_attr node of ``source`` reads."""
+    *path, name = qualified.split(".")
+    for part in path:
+        if not hasattr(target, part):
+            target.add_module(part, torch.nn.Module())
+        source, target = getattr(source, part), getattr(target, part)
+    value = getattr(source, name)
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        target.register_buffer(name, value)
+    else:
+        setattr(target, name, value)
 
 
 def _tag(cov_node, of: torch.fx.Node, rule: str) -> None:

@@ -1,6 +1,7 @@
 """The covariance rules, one module per op family; importing this fills RULES."""
 
-from . import activation, arithmetic, conv, linear, norm, pool, reduce, shape, softmax  # noqa: F401
-from .registry import RULES, Rule, RuleCall, register
+from . import activation, arithmetic, attention, conv, embedding, linear, norm, pool, reduce, shape, softmax  # noqa: F401
+from .patterns import mean_only_nodes
+from .registry import DEFAULT_RULE_OPTIONS, RULE_OPTIONS, RULES, Rule, RuleCall, register
 
-__all__ = ["RULES", "Rule", "RuleCall", "register"]
+__all__ = ["DEFAULT_RULE_OPTIONS", "RULES", "RULE_OPTIONS", "Rule", "RuleCall", "mean_only_nodes", "register"]

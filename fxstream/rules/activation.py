@@ -41,12 +41,10 @@ def elementwise(call: RuleCall) -> torch.Tensor:
 
 
 @register(aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
-          aten.to.dtype, aten.detach.default, param_passthrough=True)
+          aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.detach.default, param_passthrough=True)
 def identity(call: RuleCall) -> torch.Tensor:
     """Ops that return their input's values (dropout in eval mode, copies, dtype casts)."""
     if call.op is aten.dropout.default and call.arg(2):
         raise ValueError("dropout in training mode is random; call model.eval() before streamlining")
     cov = call.cov(0)
-    if call.op is aten.to.dtype:
-        return cov.to(call.arg(1))
-    return cov
+    return cov.to(call.out.dtype) if isinstance(cov, torch.Tensor) else cov

@@ -1,10 +1,12 @@
-"""Normalisation layers in inference mode."""
+"""Normalisation layers in inference mode: batch norm (running statistics) and layer norm."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from .linearise import linearised_full, noise_product_full
+from .linearise import linearised_full, noise_product_full, sandwich
 from .registry import RuleCall, register
 
 aten = torch.ops.aten
@@ -40,3 +42,76 @@ def batch_norm(call: RuleCall) -> torch.Tensor:
     if call.cov(2) is not None:
         var = var + call.cov(2).reshape(channel)
     return torch.broadcast_to(var, call.out.shape)
+
+
+def _layer_statistics(x: torch.Tensor, dims: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and 1 / sqrt(biased variance + eps) over the last ``dims`` dimensions, as layer_norm uses."""
+    reduced = tuple(range(-dims, 0))
+    mu = x.mean(reduced, keepdim=True)
+    inv_std = torch.rsqrt(x.var(reduced, unbiased=False, keepdim=True) + eps)
+    return mu, inv_std
+
+
+def _normalised_variance(xhat: torch.Tensor, var: torch.Tensor, inv_std: torch.Tensor, dims: int,
+                         linearised: bool) -> torch.Tensor:
+    """Variance of xhat = (x - mu) / sigma for diagonal input variance ``var``.
+
+    Statistics held constant (the paper): var / sigma^2. Linearised through them:
+    J_ij = (d_ij - (1 + xhat_i xhat_j) / n) / sigma per row, whose squared rows
+    sum to  v_i (1 - 2 (1 + xhat_i^2) / n) + (S0 + 2 xhat_i S1 + xhat_i^2 S2) / n^2
+    with S_k = sum_j xhat_j^k v_j.
+    """
+    scaled = var * inv_std.square()
+    if not linearised:
+        return scaled
+    reduced = tuple(range(-dims, 0))
+    n = xhat[(0,) * (xhat.dim() - dims)].numel()
+    s0, s1, s2 = ((xhat**k * scaled).sum(reduced, keepdim=True) for k in range(3))
+    return scaled * (1 - 2 * (1 + xhat.square()) / n) + (s0 + 2 * xhat * s1 + xhat.square() * s2) / n**2
+
+
+@register(aten.layer_norm.default)
+def layer_norm(call: RuleCall) -> torch.Tensor:
+    """y = gamma * xhat + beta. norm="paper": statistics from the mean input, held constant;
+    norm="linearised": the Jacobian of the norm at the mean, through its statistics.
+
+    Weight and bias terms are exact for the product gamma * xhat of independent factors:
+    var_y = gamma^2 v_xhat + v_gamma (xhat^2 + v_xhat) + v_beta.
+    """
+    x, shape, gamma = call.arg(0), call.arg(1), call.arg(2)
+    eps, dims = call.arg(4), len(call.arg(1))
+    linearised = call.options["norm"] == "linearised"
+    mu, inv_std = _layer_statistics(x, dims, eps)
+    if call.structure == "full":
+        return _layer_norm_full(call, mu, inv_std, linearised)
+    xhat = (x - mu) * inv_std
+    v_xhat = 0 if call.cov(0) is None else _normalised_variance(xhat, call.cov(0), inv_std, dims, linearised)
+    var = v_xhat * (1.0 if gamma is None else gamma.square())
+    if call.cov(2) is not None:
+        var = var + call.cov(2) * (xhat.square() + v_xhat)
+    if call.cov(3) is not None:
+        var = var + call.cov(3)
+    return torch.broadcast_to(var, call.out.shape)
+
+
+def _layer_norm_full(call: RuleCall, mu: torch.Tensor, inv_std: torch.Tensor, linearised: bool) -> torch.Tensor:
+    """Per-sample covariance: J S J^T for the input (statistics fixed or not), plus the parameter terms."""
+    x, shape, gamma, beta, eps = (call.arg(i) for i in range(5))
+    params_only = dataclasses.replace(call, covs=(None,) + tuple(call.covs[1:]))
+    cov = linearised_full(params_only) if next(params_only.uncertain(), None) is not None else 0
+    if call.cov(0) is None:
+        return cov
+
+    def normalised(h: torch.Tensor) -> torch.Tensor:
+        if linearised:
+            return torch.nn.functional.layer_norm(h, shape, None, None, eps)
+        return (h - mu) * inv_std
+
+    xhat_cov = sandwich(normalised, x, call.cov(0))
+    if gamma is None:
+        return cov + xhat_cov
+    scale = torch.broadcast_to(gamma, x.shape).reshape(x.shape[0], -1)
+    cov = cov + xhat_cov * scale[:, :, None] * scale[:, None, :]
+    if call.cov(2) is not None:
+        cov = cov + noise_product_full(xhat_cov, gamma, call.cov(2), lambda g: torch.broadcast_to(g, x.shape))
+    return cov

@@ -9,7 +9,7 @@ wrapper (``cov_<rule>``), so printed graphs say which rule made every node.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,17 @@ Path = tuple[tuple[str, Any], ...]
 
 ACTIVATION_STRUCTURES = ("diag", "full")
 
+# Rule options a user picks in ``fxstream.streamline(...)``; the first choice is the default.
+RULE_OPTIONS: dict[str, tuple[str, ...]] = {
+    # "paper": queries and keys from the means, only value uncertainty propagated;
+    # "linearised": query/key uncertainty through the softmax linearised at the mean too.
+    "attention": ("paper", "linearised"),
+    # "paper": normalisation statistics from the mean input, held constant;
+    # "linearised": the full Jacobian of the norm at the mean, through its statistics.
+    "norm": ("paper", "linearised"),
+}
+DEFAULT_RULE_OPTIONS = {name: choices[0] for name, choices in RULE_OPTIONS.items()}
+
 
 @dataclass
 class RuleCall:
@@ -29,7 +40,8 @@ class RuleCall:
     ``kinds`` have the same nesting, holding the covariance (or None) and its
     structure name ("diag", "full" for activations; "param_diag" for a
     diagonal weight posterior) of each uncertain tensor. ``structure`` is the
-    activation structure the rule must return.
+    activation structure the rule must return. ``options`` holds the rule
+    options (see ``RULE_OPTIONS``), every key present.
     """
 
     op: OpOverload
@@ -41,6 +53,7 @@ class RuleCall:
     kw_kinds: dict
     out: Any
     structure: str
+    options: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_RULE_OPTIONS))
 
     def arg(self, index: int, default: Any = None) -> Any:
         """Positional argument ``index`` (or the keyword / schema default for it)."""
@@ -135,8 +148,9 @@ RULES: dict[OpOverload, Rule] = {}
 def _graph_target(fn: RuleFn, op: OpOverload) -> Callable[..., Any]:
     """The function the rewritten graph calls: builds the RuleCall and runs the rule."""
 
-    def target(args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure):
-        return fn(RuleCall(op, args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure))
+    def target(args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure, options=None):
+        options = DEFAULT_RULE_OPTIONS if options is None else options
+        return fn(RuleCall(op, args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure, options))
 
     target.__name__ = target.__qualname__ = f"cov_{fn.__name__}"
     target.__module__ = fn.__module__

@@ -52,7 +52,10 @@ def route(call: RuleCall) -> torch.Tensor:
 
 
 register(*INJECTIVE, param_passthrough=True)(route)
-register(*BROADCASTING)(route)
+# A parameter expanded along the batch (ViT's class token) keeps one copy per
+# sample, so its entries stay independent within each sample's covariance;
+# copies inside one sample are treated as independent too (diag loses nothing).
+register(*BROADCASTING, param_passthrough=True)(route)
 
 
 @register(*MULTI_OUTPUT, param_passthrough=True)

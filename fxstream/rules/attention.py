@@ -1,0 +1,113 @@
+"""Fused attention: ``scaled_dot_product_attention`` (causal and padding masks, GQA).
+
+O = P V with P = softmax(scale * Q K^T + mask), per batch and head; tokens of
+an activation are treated as independent (diagonal covariance).
+
+- ``attention="paper"`` (default): P from the mean queries and keys, only the
+  value uncertainty propagates: var_O[t] = sum_s P_ts^2 var_V[s].
+- ``attention="linearised"``: O linearised at the means in Q, K and V together
+  (independent inputs). With G_t = scale * sum_u P_tu (V_u - O_t) k_u^T (the
+  Jacobian of O_t in q_t), the query term is sum_d G_ted^2 var_q[t, d], and the
+  key term is scale^2 sum_r P_tr^2 (V_re - O_te)^2 sum_d q_td^2 var_k[r, d].
+
+The hand-written form (matmul, softmax, matmul) goes through the matmul and
+softmax rules; :mod:`fxstream.rules.patterns` holds its softmax at the mean
+under the paper's rule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .linearise import sandwich
+from .registry import RuleCall, register
+
+aten = torch.ops.aten
+
+QUERY, KEY, VALUE, MASK = 0, 1, 2, 3
+
+
+def _heads_repeated(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """Grouped-query attention: repeat each key/value head for the query heads that share it."""
+    return tensor.repeat_interleave(heads // tensor.shape[-3], dim=-3)
+
+
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, mask, causal: bool, scale: float | None) -> torch.Tensor:
+    """P = softmax(scale * q k^T + mask) as SDPA computes it (bool mask: True keeps)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        t, s = scores.shape[-2:]
+        keep = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.softmax(scores, dim=-1)
+
+
+def _checked(call: RuleCall) -> tuple:
+    q, k, v, mask = (call.arg(i) for i in range(4))
+    if call.arg(4):
+        raise ValueError("attention dropout is random; call model.eval() before streamlining")
+    for index in (QUERY, KEY, VALUE):
+        kind = call.kind(index)
+        if kind is not None and kind.startswith("param"):
+            raise ValueError("scaled_dot_product_attention with a parameter as query, key or value is not supported")
+    if call.cov(MASK) is not None:
+        raise ValueError("an uncertain attention mask is not supported; build the mask from deterministic inputs")
+    heads = q.shape[-3]
+    k, v = _heads_repeated(k, heads), _heads_repeated(v, heads)
+    return q, k, v, mask, bool(call.arg(5)), call.arg(6)
+
+
+@register(aten.scaled_dot_product_attention.default)
+def scaled_dot_product_attention(call: RuleCall) -> torch.Tensor:
+    """Output covariance of attention under the chosen ``attention`` option (see the module doc)."""
+    linearised = call.options["attention"] == "linearised"
+    q, k, v, mask, causal, scale = _checked(call)
+    if call.structure == "full":
+        return _full(call, linearised)
+    p = attention_probabilities(q, k, mask, causal, scale)
+    var = torch.zeros_like(call.out)
+    if call.cov(VALUE) is not None:
+        var = var + p.square() @ _heads_repeated(call.cov(VALUE), q.shape[-3])
+    if not linearised:
+        return var
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    centred = v.unsqueeze(-3) - call.out.unsqueeze(-2)  # V_r - O_t: (..., T, S, E)
+    if call.cov(QUERY) is not None:
+        jacobian = scale * torch.einsum("...ts,...tse,...sd->...ted", p, centred, k)
+        var = var + torch.einsum("...ted,...td->...te", jacobian.square(), call.cov(QUERY))
+    if call.cov(KEY) is not None:
+        var_k = _heads_repeated(call.cov(KEY), q.shape[-3])
+        weight = scale**2 * p.square() * (q.square() @ var_k.transpose(-2, -1))
+        var = var + torch.einsum("...ts,...tse->...te", weight, centred.square())
+    return var
+
+
+def _full(call: RuleCall, linearised: bool) -> torch.Tensor:
+    """Per-sample J S J^T, summed over the uncertain inputs (only V under the paper's rule).
+
+    Differentiates the attention written out in ATen math, since the fused CPU
+    kernels have no forward-mode derivative.
+    """
+    q, k, v, mask = (call.arg(i) for i in range(4))
+    causal, scale, heads = bool(call.arg(5)), call.arg(6), q.shape[-3]
+
+    def attention(q_, k_, v_):
+        probabilities = attention_probabilities(q_, _heads_repeated(k_, heads), mask, causal, scale)
+        return probabilities @ _heads_repeated(v_, heads)
+
+    means = [q, k, v]
+    total = 0
+    for index in (QUERY, KEY, VALUE) if linearised else (VALUE,):
+        if call.cov(index) is None:
+            continue
+
+        def moved(x, index=index):
+            return attention(*(x if i == index else m for i, m in enumerate(means)))
+
+        total = total + sandwich(moved, means[index], call.cov(index))
+    return total
