@@ -10,12 +10,18 @@ from .errors import (
     PosteriorMismatchError,
     UnsupportedOpError,
 )
-from .posterior import Diagonal, Posterior
+from .importers import from_ivon, from_laplace
+from .posterior import KFAC, Dense, Diagonal, LowRank, Mixed, ParameterCovariance, Posterior
 from .predictive import Predictive
 
 __all__ = [
     "CaptureError",
+    "Dense",
     "Diagonal",
+    "KFAC",
+    "LowRank",
+    "Mixed",
+    "ParameterCovariance",
     "FxstreamError",
     "GraphBreakError",
     "NoPredictiveError",
@@ -25,6 +31,8 @@ __all__ = [
     "StreamlineOptions",
     "StreamlinedModel",
     "UnsupportedOpError",
+    "from_ivon",
+    "from_laplace",
     "predictive",
     "streamline",
     "streamline_backend",

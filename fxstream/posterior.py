@@ -9,12 +9,13 @@ uncertain one.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .errors import PosteriorMismatchError
+from .rules.weights import AFFINE_BIAS, marginal_variance
 
 
 @dataclass(frozen=True)
@@ -22,11 +23,15 @@ class ParameterCovariance:
     """The covariance of one parameter as the rules consume it.
 
     ``kind`` names the structure (``"param_diag"``: one variance per entry, same
-    shape as the parameter); ``tensors`` are its buffers in the rewritten graph.
+    shape as the parameter; the other kinds are listed in
+    :mod:`fxstream.rules.weights`); ``tensors`` are its buffers in the
+    rewritten graph; ``shape`` is the parameter's shape where the tensors do
+    not show it.
     """
 
     kind: str
     tensors: tuple[torch.Tensor, ...]
+    shape: tuple[int, ...] | None = None
 
 
 class Posterior(ABC):
@@ -43,6 +48,14 @@ class Posterior(ABC):
     @abstractmethod
     def validate(self, parameters: Mapping[str, torch.Tensor]) -> None:
         """Raise PosteriorMismatchError unless the posterior fits these parameters."""
+
+    def to_diagonal(self) -> Diagonal:
+        """The diagonal posterior with the same (exact) marginal variance of every entry."""
+        variances = {}
+        for name in self.parameter_names():
+            cov = self.covariance(name)
+            variances[name] = marginal_variance(cov.kind, cov.tensors, cov.shape)
+        return Diagonal(variances)
 
 
 class Diagonal(Posterior):
@@ -87,20 +100,414 @@ class Diagonal(Posterior):
         return ParameterCovariance("param_diag", (self.variances[name],))
 
     def validate(self, parameters: Mapping[str, torch.Tensor]) -> None:
-        for name, var in self.variances.items():
-            if name not in parameters:
-                close = [p for p in parameters if p.split(".")[-1] == name.split(".")[-1]][:5]
-                hint = f"; parameters with a similar name: {close}" if close else ""
-                raise PosteriorMismatchError(
-                    f"posterior names parameter '{name}', which the model does not have{hint}"
-                )
-            shape = tuple(parameters[name].shape)
-            if tuple(var.shape) != shape:
-                raise PosteriorMismatchError(
-                    f"variance of parameter '{name}' has shape {tuple(var.shape)}, "
-                    f"but the parameter has shape {shape}"
-                )
+        _check_shapes({name: tuple(var.shape) for name, var in self.variances.items()}, parameters, "variance")
 
     def __repr__(self) -> str:
         n = sum(v.numel() for v in self.variances.values())
         return f"Diagonal({len(self.variances)} parameters, {n} variances)"
+
+
+def _require(name: str, parameters: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    """The shape of parameter ``name``; a clear error when the model lacks it."""
+    if name not in parameters:
+        close = [p for p in parameters if p.split(".")[-1] == name.split(".")[-1]][:5]
+        hint = f"; parameters with a similar name: {close}" if close else ""
+        raise PosteriorMismatchError(f"posterior names parameter '{name}', which the model does not have{hint}")
+    return tuple(parameters[name].shape)
+
+
+def _check_shapes(expected: Mapping[str, tuple[int, ...]], parameters: Mapping[str, torch.Tensor], what: str) -> None:
+    for name, shape in expected.items():
+        actual = _require(name, parameters)
+        if shape != actual:
+            raise PosteriorMismatchError(
+                f"{what} of parameter '{name}' has shape {shape}, but the parameter has shape {actual}"
+            )
+
+
+def _checked(name: str, tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """A detached floating-point tensor with finite entries, or a PosteriorMismatchError."""
+    if not isinstance(tensor, torch.Tensor):
+        raise PosteriorMismatchError(f"{what} of parameter '{name}' must be a tensor, got {type(tensor).__name__}")
+    tensor = tensor.detach()
+    if not torch.is_floating_point(tensor):
+        raise PosteriorMismatchError(f"{what} of parameter '{name}' must be floating point, got {tensor.dtype}")
+    if not torch.isfinite(tensor).all():
+        raise PosteriorMismatchError(f"{what} of parameter '{name}' has non-finite entries")
+    return tensor
+
+
+def _checked_covariance(name: str, cov: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """A square symmetric matrix with a nonnegative diagonal (of side ``size`` when given)."""
+    cov = _checked(name, cov, "covariance")
+    if cov.dim() != 2 or cov.shape[0] != cov.shape[1] or (size is not None and cov.shape[0] != size):
+        want = f"({size}, {size})" if size is not None else "square"
+        raise PosteriorMismatchError(
+            f"covariance of parameter '{name}' must be {want}, got shape {tuple(cov.shape)}"
+        )
+    scale = cov.abs().max().clamp_min(torch.finfo(cov.dtype).tiny)
+    if ((cov - cov.t()).abs().max() > 1e-5 * scale) or (cov.diagonal() < 0).any():
+        raise PosteriorMismatchError(
+            f"covariance of parameter '{name}' is not symmetric with a nonnegative diagonal"
+        )
+    return cov
+
+
+def _matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """A weight's shape as the matrix (Dout, Din) that KFAC and the rules use (kernels flattened)."""
+    d_out = shape[0]
+    return d_out, int(torch.Size(shape[1:]).numel())
+
+
+def _layers(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[str, str]]:
+    """weight name -> (weight, bias) for every layer whose weight (>= 2-D) and bias are both named."""
+    pairs = {}
+    for name, shape in shapes.items():
+        prefix, _, leaf = name.rpartition(".")
+        bias = f"{prefix}.bias" if prefix else "bias"
+        if leaf == "weight" and len(shape) >= 2 and shapes.get(bias) == (shape[0],):
+            pairs[name] = (name, bias)
+    return pairs
+
+
+def _affine_order(d_out: int, d_in: int) -> torch.Tensor:
+    """Indices into [vec(W), b] (row-major W, laplace-torch's order) giving vec([W | b])."""
+    columns = torch.arange(d_out * d_in).reshape(d_out, d_in)
+    bias = d_out * d_in + torch.arange(d_out)[:, None]
+    return torch.cat([columns, bias], dim=1).reshape(-1)
+
+
+class KFAC(Posterior):
+    """A Kronecker-factored Gaussian posterior, per layer.
+
+    ``factors`` maps a weight's name to ``(B, A)``: the output factor B
+    (Dout, Dout) and the input factor A (Din, Din), so that Cov(vec W) = B kron A
+    with vec row-major over W as a (Dout, Din) matrix (a conv kernel flattened
+    to (Cout, Cin*k*k), as laplace-torch does). A vector parameter such as a
+    bias maps to ``(C,)``, its own full covariance. The Kronecker product is
+    never formed. ``shapes`` gives the shape of parameters that are not
+    (Dout, Din) matrices (conv kernels), for :meth:`to_diagonal`.
+
+    :meth:`from_eigen` builds the exact posterior laplace-torch fits
+    (eigen-decomposed factors plus a prior precision).
+    """
+
+    def __init__(self, factors: Mapping[str, Sequence[torch.Tensor]],
+                 shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+        entries = {}
+        for name, pair in factors.items():
+            pair = tuple(pair)
+            if len(pair) == 2:
+                out_factor, in_factor = (_checked_covariance(name, f) for f in pair)
+                entries[name] = ParameterCovariance("param_kfac", (out_factor, in_factor))
+            elif len(pair) == 1:
+                entries[name] = ParameterCovariance("param_dense", (_checked_covariance(name, pair[0]),))
+            else:
+                raise PosteriorMismatchError(
+                    f"KFAC factors of parameter '{name}': give (B, A) for a weight or (C,) for a vector, "
+                    f"got {len(pair)} tensors"
+                )
+        self._entries = _with_shapes(entries, shapes)
+
+    @classmethod
+    def from_eigen(
+        cls,
+        eigen: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]],
+        prior_precision: float | torch.Tensor | Mapping[str, float | torch.Tensor],
+        scale: float | torch.Tensor = 1.0,
+        *,
+        damping: bool = False,
+        shapes: Mapping[str, Sequence[int]] | None = None,
+    ) -> KFAC:
+        """The posterior with precision h (Q_B L_B Q_B^T) kron (Q_A L_A Q_A^T) + delta I.
+
+        ``eigen`` maps a weight to ``[(Q_B, l_B), (Q_A, l_A)]`` (output factor
+        first) and a vector parameter to ``[(Q, l)]``; ``prior_precision`` is
+        delta, one scalar or one per parameter; ``scale`` is h (laplace-torch:
+        ``1 / sigma_noise**2 / temperature``). In the rotated basis
+        W~ = Q_B^T W Q_A the entries are independent with variances
+        1 / (h lB_k lA_i + delta): that is what the rules use, exactly.
+        ``damping=True`` reproduces laplace-torch's ``damping=True`` posterior,
+        1 / ((sqrt(h) lB_k + sqrt(delta)) (sqrt(h) lA_i + sqrt(delta))).
+        """
+        entries = {}
+        h = torch.as_tensor(scale, dtype=torch.float64)
+        for name, pairs in eigen.items():
+            delta = torch.as_tensor(
+                prior_precision[name] if isinstance(prior_precision, Mapping) else prior_precision,
+                dtype=torch.float64,
+            )
+            if delta.numel() != 1:
+                raise PosteriorMismatchError(
+                    f"prior precision of parameter '{name}' must be one scalar for a KFAC posterior "
+                    f"(got {delta.numel()} values); use Diagonal or Dense for an elementwise prior"
+                )
+            vectors = [_checked(name, q, "eigenvectors") for q, _ in pairs]
+            values = [_checked(name, l, "eigenvalues").to(torch.float64) for _, l in pairs]
+            if len(values) == 2:
+                if damping:
+                    precision = torch.outer(h.sqrt() * values[0] + delta.sqrt(), h.sqrt() * values[1] + delta.sqrt())
+                else:
+                    precision = h * torch.outer(values[0], values[1]) + delta
+                rotated = _inverse_positive(name, precision).to(vectors[0].dtype)
+                entries[name] = ParameterCovariance("param_kfac_eig", (vectors[0], vectors[1], rotated))
+            elif len(values) == 1:
+                inverse = _inverse_positive(name, h * values[0] + delta).to(vectors[0].dtype)
+                q = vectors[0]
+                entries[name] = ParameterCovariance("param_dense", ((q * inverse) @ q.t(),))
+            else:
+                raise PosteriorMismatchError(
+                    f"KFAC eigen-decomposition of parameter '{name}': give two (Q, l) pairs for a weight "
+                    f"or one for a vector, got {len(values)}"
+                )
+        posterior = cls.__new__(cls)
+        posterior._entries = _with_shapes(entries, shapes)
+        return posterior
+
+    def parameter_names(self) -> list[str]:
+        return list(self._entries)
+
+    def covariance(self, name: str) -> ParameterCovariance:
+        return self._entries[name]
+
+    def validate(self, parameters: Mapping[str, torch.Tensor]) -> None:
+        for name, cov in self._entries.items():
+            shape = _require(name, parameters)
+            if cov.kind == "param_dense":
+                expected = (int(torch.Size(shape).numel()),) * 2
+                got = tuple(cov.tensors[0].shape)
+            else:
+                expected = _matrix_shape(shape) if len(shape) >= 2 else None
+                got = (cov.tensors[0].shape[0], cov.tensors[1].shape[0])
+            if expected != got:
+                raise PosteriorMismatchError(
+                    f"KFAC factors of parameter '{name}' have sizes {got}, but the parameter of shape "
+                    f"{shape} needs {expected}"
+                )
+            if cov.shape is not None and cov.shape != shape:
+                raise PosteriorMismatchError(f"KFAC of parameter '{name}' is for shape {cov.shape}, the parameter has {shape}")
+
+    def __repr__(self) -> str:
+        return f"KFAC({len(self._entries)} parameters)"
+
+
+def _inverse_positive(name: str, precision: torch.Tensor) -> torch.Tensor:
+    if (precision <= 0).any():
+        raise PosteriorMismatchError(
+            f"posterior precision of parameter '{name}' has non-positive eigenvalues "
+            f"(min {precision.min().item():.3g}); add a positive prior precision"
+        )
+    return precision.reciprocal()
+
+
+def _with_shapes(entries: dict[str, ParameterCovariance],
+                 shapes: Mapping[str, Sequence[int]] | None) -> dict[str, ParameterCovariance]:
+    """Attach the parameter shape each entry's tensors do not show."""
+    shaped = {}
+    for name, cov in entries.items():
+        if shapes is not None and name in shapes:
+            shape = tuple(shapes[name])
+        elif cov.kind == "param_dense":
+            shape = (cov.tensors[0].shape[0],)
+        else:
+            shape = (cov.tensors[0].shape[0], cov.tensors[1].shape[0])
+        shaped[name] = ParameterCovariance(cov.kind, cov.tensors, shape)
+    return shaped
+
+
+class Dense(Posterior):
+    """Full covariance blocks: one per parameter, or one per layer over its weight and bias jointly.
+
+    ``blocks`` maps a parameter name, or a ``(weight_name, bias_name)`` pair of
+    one layer, to the covariance (n, n) over the concatenated row-major vec
+    (weight first, laplace-torch's order). ``shapes`` maps every named
+    parameter to its shape (``dict(model.named_parameters())`` works). The cost
+    grows as n^2 per layer: meant for small layers such as a last layer.
+    """
+
+    def __init__(self, blocks: Mapping[str | tuple[str, str], torch.Tensor],
+                 shapes: Mapping[str, Sequence[int] | torch.Tensor]) -> None:
+        self._shapes = {n: tuple(s.shape if isinstance(s, torch.Tensor) else s) for n, s in shapes.items()}
+        self._entries: dict[str, ParameterCovariance] = {}
+        for key, cov in blocks.items():
+            names = (key,) if isinstance(key, str) else tuple(key)
+            for name in names:
+                if name not in self._shapes:
+                    raise PosteriorMismatchError(f"Dense: no shape given for parameter '{name}'")
+                if name in self._entries:
+                    raise PosteriorMismatchError(f"Dense: parameter '{name}' appears in two blocks")
+            size = sum(int(torch.Size(self._shapes[n]).numel()) for n in names)
+            cov = _checked_covariance(names[0], cov, size)
+            self._entries.update(self._block(names, cov))
+
+    def _block(self, names: tuple[str, ...], cov: torch.Tensor) -> dict[str, ParameterCovariance]:
+        if len(names) == 1:
+            shape = self._shapes[names[0]]
+            tensors = (cov.reshape(*_matrix_shape(shape), *_matrix_shape(shape)),) if len(shape) >= 2 else (cov,)
+            return {names[0]: ParameterCovariance("param_dense", tensors, shape)}
+        weight, bias = names
+        w_shape = self._shapes[weight]
+        d_out, d_in = _matrix_shape(w_shape)
+        if len(names) != 2 or len(w_shape) < 2 or self._shapes[bias] != (d_out,):
+            raise PosteriorMismatchError(
+                f"Dense: a joint block must be (weight, bias) of one layer, got {names} with shapes "
+                f"{[self._shapes[n] for n in names]}"
+            )
+        order = _affine_order(d_out, d_in)
+        joint = cov[order][:, order].reshape(d_out, d_in + 1, d_out, d_in + 1)
+        return {
+            weight: ParameterCovariance("param_dense_affine", (joint,), w_shape),
+            bias: ParameterCovariance(AFFINE_BIAS, (joint,), self._shapes[bias]),
+        }
+
+    @classmethod
+    def from_flat(cls, covariance: torch.Tensor, shapes: Mapping[str, Sequence[int] | torch.Tensor]) -> Dense:
+        """Per-layer blocks of one covariance over all ``shapes`` (in order, each vec row-major).
+
+        Each layer's weight and bias keep their cross-covariance; covariance
+        between different layers is dropped, because fxstream propagates layers
+        independently (the local Gaussian approximation).
+        """
+        shapes = {n: tuple(s.shape if isinstance(s, torch.Tensor) else s) for n, s in shapes.items()}
+        size = sum(int(torch.Size(s).numel()) for s in shapes.values())
+        covariance = _checked_covariance("<all>", covariance, size)
+        offsets, start = {}, 0
+        for name, shape in shapes.items():
+            offsets[name] = start
+            start += int(torch.Size(shape).numel())
+        layers = _layers(shapes)
+        in_layer = {b for _, b in layers.values()}
+        blocks = {}
+        for name in shapes:
+            if name in in_layer:
+                continue
+            names = layers.get(name, (name,))
+            index = torch.cat([torch.arange(offsets[n], offsets[n] + int(torch.Size(shapes[n]).numel())) for n in names])
+            blocks[names if len(names) == 2 else name] = covariance[index][:, index]
+        return cls(blocks, shapes)
+
+    def parameter_names(self) -> list[str]:
+        return list(self._entries)
+
+    def covariance(self, name: str) -> ParameterCovariance:
+        return self._entries[name]
+
+    def validate(self, parameters: Mapping[str, torch.Tensor]) -> None:
+        _check_shapes({n: self._shapes[n] for n in self._entries}, parameters, "covariance")
+
+    def __repr__(self) -> str:
+        return f"Dense({len(self._entries)} parameters)"
+
+
+class LowRank(Posterior):
+    """Diagonal plus low rank: Cov = diag(d) + U U^T over a set of parameters (SWAG-style).
+
+    ``diagonal`` maps parameter names to d (the parameter's shape);
+    ``factors`` maps the same names to U (R, *shape), the same rank R for all:
+    column r of U is the concatenation of ``factors[name][r]``. Within a layer
+    the low-rank part couples weight and bias exactly; between layers the
+    coupling is dropped (fxstream propagates layers independently).
+    """
+
+    def __init__(self, diagonal: Mapping[str, torch.Tensor], factors: Mapping[str, torch.Tensor]) -> None:
+        if set(diagonal) != set(factors):
+            raise PosteriorMismatchError(
+                f"LowRank: diagonal and factors must name the same parameters; differ in "
+                f"{sorted(set(diagonal) ^ set(factors))}"
+            )
+        self._diagonal = {n: _checked(n, d, "diagonal") for n, d in diagonal.items()}
+        self._factors = {n: _checked(n, factors[n], "low-rank factor") for n in diagonal}
+        ranks = {u.shape[0] for u in self._factors.values()}
+        if len(ranks) > 1:
+            raise PosteriorMismatchError(f"LowRank: every factor needs the same rank (first dim), got {sorted(ranks)}")
+        for name, d in self._diagonal.items():
+            if (d < 0).any():
+                raise PosteriorMismatchError(f"diagonal of parameter '{name}' has negative entries")
+            if tuple(self._factors[name].shape[1:]) != tuple(d.shape):
+                raise PosteriorMismatchError(
+                    f"low-rank factor of parameter '{name}' has shape {tuple(self._factors[name].shape)}; "
+                    f"expected (rank, *{tuple(d.shape)})"
+                )
+        shapes = {n: tuple(d.shape) for n, d in self._diagonal.items()}
+        self._layers = _layers(shapes)
+        self._bias_of = {b: w for w, (_, b) in self._layers.items()}
+
+    @classmethod
+    def from_samples(cls, samples: Mapping[str, torch.Tensor], rank: int | None = None) -> LowRank:
+        """SWAG's Gaussian from K weight samples (K, *shape) per parameter.
+
+        Cov = 1/2 diag(sample variance) + 1/2 D D^T / (K - 1), with D the
+        deviations of the last ``rank`` samples (default: all) from the sample
+        mean. The posterior mean is the model's parameters: load the sample
+        mean (the SWA solution) into the model before streamlining.
+        """
+        counts = {s.shape[0] for s in samples.values()}
+        if len(counts) != 1 or counts.pop() < 2:
+            raise PosteriorMismatchError("LowRank.from_samples needs the same number (>= 2) of samples per parameter")
+        diagonal, factors = {}, {}
+        for name, stack in samples.items():
+            stack = _checked(name, stack, "samples")
+            k = stack.shape[0]
+            mean = stack.mean(0)
+            diagonal[name] = 0.5 * stack.var(0, unbiased=False)
+            recent = stack[-(rank or k):] - mean
+            factors[name] = recent / (2 * (k - 1)) ** 0.5
+        return cls(diagonal, factors)
+
+    def parameter_names(self) -> list[str]:
+        return list(self._diagonal)
+
+    def covariance(self, name: str) -> ParameterCovariance:
+        shape = tuple(self._diagonal[name].shape)
+        weight = name if name in self._layers else self._bias_of.get(name)
+        if weight is None:
+            return ParameterCovariance("param_lowrank", (self._diagonal[name], self._factors[name]), shape)
+        bias = self._layers[weight][1]
+        d_out = self._diagonal[weight].shape[0]
+        d = torch.cat([self._diagonal[weight].reshape(d_out, -1), self._diagonal[bias][:, None]], dim=1)
+        u = self._factors[weight]
+        u = torch.cat([u.reshape(u.shape[0], d_out, -1), self._factors[bias][:, :, None]], dim=2)
+        kind = "param_lowrank_affine" if name == weight else AFFINE_BIAS
+        return ParameterCovariance(kind, (d, u), shape)
+
+    def validate(self, parameters: Mapping[str, torch.Tensor]) -> None:
+        _check_shapes({n: tuple(d.shape) for n, d in self._diagonal.items()}, parameters, "diagonal")
+
+    def __repr__(self) -> str:
+        rank = next(iter(self._factors.values())).shape[0] if self._factors else 0
+        return f"LowRank({len(self._diagonal)} parameters, rank {rank})"
+
+
+class Mixed(Posterior):
+    """Different structures for different layers in one posterior, e.g.
+    ``Mixed(KFAC(...), Dense(...), Diagonal(...))`` over disjoint parameter sets."""
+
+    def __init__(self, *parts: Posterior | Iterable[Posterior]) -> None:
+        flat: list[Posterior] = []
+        for part in parts:
+            flat.extend([part] if isinstance(part, Posterior) else part)
+        self.parts = tuple(flat)
+        self._owner: dict[str, Posterior] = {}
+        for part in self.parts:
+            if not isinstance(part, Posterior):
+                raise PosteriorMismatchError(f"Mixed takes fxstream posteriors, got {type(part).__name__}")
+            for name in part.parameter_names():
+                if name in self._owner:
+                    raise PosteriorMismatchError(
+                        f"parameter '{name}' is in two parts of a Mixed posterior "
+                        f"({type(self._owner[name]).__name__} and {type(part).__name__})"
+                    )
+                self._owner[name] = part
+
+    def parameter_names(self) -> list[str]:
+        return list(self._owner)
+
+    def covariance(self, name: str) -> ParameterCovariance:
+        return self._owner[name].covariance(name)
+
+    def validate(self, parameters: Mapping[str, torch.Tensor]) -> None:
+        for part in self.parts:
+            part.validate(parameters)
+
+    def __repr__(self) -> str:
+        return "Mixed(" + ", ".join(repr(p) for p in self.parts) + ")"

@@ -221,14 +221,14 @@ def _rule_problem(rule, out_structure: str, uncertain, kind) -> str | None:
     """Why ``rule`` cannot produce ``out_structure`` here, or None when it can."""
     if rule is None:
         return ""
+    for n in uncertain:
+        k = kind[n]
+        if isinstance(k, str) and k.startswith("param") and k not in rule.param_kinds:
+            return f"the rule does not accept a '{k}' parameter posterior"
     if out_structure.startswith("param"):
         if not rule.param_passthrough:
             return "it transforms an uncertain parameter before the parameter meets data"
         return None
     if out_structure not in rule.structures:
         return f"the rule has no '{out_structure}' activation structure"
-    for n in uncertain:
-        k = kind[n]
-        if isinstance(k, str) and k.startswith("param") and k not in rule.param_kinds:
-            return f"the rule does not accept a '{k}' parameter posterior"
     return None

@@ -1,17 +1,32 @@
-"""Convolutions (1-D, 2-D, grouped, depthwise): the linear rule through the im2col view.
+"""Convolutions (1-D, 2-D, 3-D, grouped, depthwise): the linear rule through the im2col view.
 
-    diag:  var = conv(s, M^2 + V) + conv(m^2, V) + var_b
-    full:  Cov = J S J^T (J: the conv in x) + weight term + bias term, where the
-           weight term for output channels c = c' at positions p, p' is
-           sum_j V_cj E[u_jp u_jp'] over the patch entries u = im2col(x).
+A convolution is a linear map applied at every output position p to the patch
+u_p = im2col(x)_p, with the kernel flattened to (Cout, Cin*k*k) (laplace-torch's
+convention for KFAC). So
+
+    Cov[h] = J S J^T (J: the conv in x) + weight term over the patches + bias term
+
+with the weight term of the kernel's posterior kind from
+:mod:`fxstream.rules.weights`. For a diagonal kernel posterior and diagonal
+activations the patches are never formed: var = conv(s, M^2) + conv(m^2 + s, V) + var_b.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .linear import bias_full, parameter
 from .linearise import sandwich
 from .registry import RuleCall, register
+from .weights import (
+    AFFINE_BIAS,
+    PARAM_KINDS,
+    WEIGHT_STRUCTURES,
+    bias_covariance,
+    bias_variance,
+    weight_diag,
+    weight_full,
+)
 
 aten = torch.ops.aten
 
@@ -19,25 +34,39 @@ CONVOLUTIONS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
                 aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
 
 
-@register(*CONVOLUTIONS)
+@register(*CONVOLUTIONS, param_kinds=PARAM_KINDS)
 def conv(call: RuleCall) -> torch.Tensor:
     x, w = call.arg(0), call.arg(1)
-    vx, vw, vb = call.cov(0), call.cov(1), call.cov(2)
+    vx, weight, bias = call.cov(0), parameter(call, 1), parameter(call, 2)
     geometry = tuple(call.arg(i) for i in range(3, 7))  # stride, padding, dilation, groups
-    channel = (-1,) + (1,) * (x.dim() - 2)
+    if (weight is not None and WEIGHT_STRUCTURES[weight[0]].affine) != (bias is not None and bias[0] == AFFINE_BIAS):
+        raise ValueError(f"{call.op}: a posterior over kernel and bias jointly needs both in the same conv call")
     if call.structure == "full":
-        return _conv_full(call, x, vx, w, vw, vb, geometry)
-    var = 0
+        return _conv_full(call, x, vx, w, weight, bias, geometry)
+    var = x.new_zeros(())
     if vx is not None:
-        var = var + call.op(vx, w.square() + (0 if vw is None else vw), None, *geometry)
-    if vw is not None:
-        var = var + call.op(x.square(), vw, None, *geometry)
-    if vb is not None:
-        var = var + vb.reshape(channel)
+        var = var + call.op(vx, w.square(), None, *geometry)
+    if weight is not None:
+        var = var + _weight_diag(call, x, vx, weight, geometry)
+    var_b = None if bias is None else bias_variance(*bias)
+    if var_b is not None:
+        var = var + var_b.reshape((-1,) + (1,) * (x.dim() - 2))
     return torch.broadcast_to(var, call.out.shape)
 
 
-def _conv_full(call: RuleCall, x, vx, w, vw, vb, geometry) -> torch.Tensor:
+def _weight_diag(call: RuleCall, x, vx, weight, geometry) -> torch.Tensor:
+    kind, tensors = weight
+    if kind == "param_diag":
+        second = x.square() if vx is None else x.square() + vx
+        return call.op(second, tensors[0], None, *geometry)
+    u = _patches(call, x, geometry)
+    vu = None if vx is None else _patches(call, vx, geometry)
+    rows = weight_diag(kind, _ungrouped(kind, tensors, geometry[3]), u.transpose(1, 2),
+                       None if vu is None else vu.transpose(1, 2))
+    return rows.transpose(1, 2).reshape(call.out.shape)
+
+
+def _conv_full(call: RuleCall, x, vx, w, weight, bias, geometry) -> torch.Tensor:
     batch = x.shape[0] if vx is None else vx.shape[0]
     out = call.out
     c_out = out.shape[1]
@@ -46,34 +75,50 @@ def _conv_full(call: RuleCall, x, vx, w, vw, vb, geometry) -> torch.Tensor:
     total = torch.zeros(batch, n, n, dtype=out.dtype, device=out.device)
     if vx is not None:
         total = total + sandwich(lambda h: call.op(h, w, None, *geometry), x, vx)
-    if vw is not None:
-        total = total + _weight_term(call, x, vx, w, vw, geometry, batch, positions)
-    if vb is not None:
-        shared = torch.diag_embed(vb)[:, None, :, None].expand(c_out, positions, c_out, positions)
-        total = total + shared.reshape(1, n, n)
+    if weight is not None:
+        total = total + _weight_full(call, x, vx, weight, geometry, batch, positions)
+    cov_b = None if bias is None else bias_covariance(*bias)
+    if cov_b is not None:
+        total = total + bias_full(cov_b, positions, batch).reshape(batch, positions, c_out, positions, c_out) \
+            .permute(0, 2, 1, 4, 3).reshape(batch, n, n)
     return total
 
 
-def _weight_term(call: RuleCall, x, vx, w, vw, geometry, batch: int, positions: int) -> torch.Tensor:
-    """delta_cc' sum_j V_cj E[u_jp u_jp'] with u the patches of x (im2col as a depthwise conv)."""
-    stride, padding, dilation, groups = geometry
-    c_in = x.shape[1]
-    kernel = w.shape[2:]
-    taps = w[0, 0].numel()
-    eye = torch.eye(taps, dtype=x.dtype, device=x.device).reshape(taps, 1, *kernel).repeat(c_in, 1, *([1] * len(kernel)))
-
-    def patches(h: torch.Tensor) -> torch.Tensor:
-        return call.op(h, eye, None, stride, padding, dilation, c_in)
-
-    u = patches(x).reshape(batch, c_in * taps, positions)
-    second = u[:, :, :, None] * u[:, :, None, :]  # (B, J, P, P)
+def _weight_full(call: RuleCall, x, vx, weight, geometry, batch: int, positions: int) -> torch.Tensor:
+    """The weight term over the patches u = im2col(x), as per-position rows of a linear map."""
+    kind, tensors = weight
+    u = _patches(call, x, geometry).reshape(batch, -1, positions)
+    j = u.shape[1]
+    s = None
     if vx is not None:
-        s = sandwich(patches, x, vx).reshape(batch, c_in * taps, positions, c_in * taps, positions)
-        second = second + s.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
-    c_out = w.shape[0]
-    blocks = vw.reshape(groups, c_out // groups, -1)
-    per_channel = torch.block_diag(*blocks.unbind(0))  # (C_out, C_in * taps), zero outside each group
-    term = torch.einsum("bjpq,cj->bpqc", second, per_channel)
-    term = torch.diag_embed(term).permute(0, 3, 1, 4, 2)  # (B, C, P, C', P')
+        s = sandwich(lambda h: _patches(call, h, geometry), x, vx)
+        s = s.reshape(batch, j, positions, j, positions).permute(0, 2, 1, 4, 3)
+    rows = weight_full(kind, _ungrouped(kind, tensors, geometry[3]), u.transpose(1, 2), s)
+    c_out = rows.shape[2]
     n = c_out * positions
-    return term.reshape(batch, n, n)
+    return rows.permute(0, 2, 1, 4, 3).reshape(batch, n, n)
+
+
+def _patches(call: RuleCall, h: torch.Tensor, geometry) -> torch.Tensor:
+    """im2col as a depthwise conv with one-hot kernels: (B, Cin*k*k, *out_spatial), channel-major."""
+    stride, padding, dilation, _ = geometry
+    w = call.arg(1)
+    c_in, kernel = h.shape[1], w.shape[2:]
+    taps = w[0, 0].numel()
+    eye = torch.eye(taps, dtype=h.dtype, device=h.device).reshape(taps, 1, *kernel)
+    eye = eye.repeat(c_in, 1, *([1] * len(kernel)))
+    return call.op(h, eye, None, stride, padding, dilation, c_in).flatten(2)
+
+
+def _ungrouped(kind: str, tensors, groups: int):
+    """The kernel posterior over all input channels' patches (zero outside each group)."""
+    if groups == 1:
+        return tensors
+    if kind != "param_diag":
+        raise ValueError(
+            f"a '{kind}' kernel posterior is supported for groups=1 only; grouped and depthwise "
+            "convolutions take a diagonal posterior (fxstream.Diagonal or .to_diagonal())"
+        )
+    v = tensors[0]
+    blocks = v.reshape(groups, v.shape[0] // groups, -1)
+    return (torch.block_diag(*blocks.unbind(0)),)

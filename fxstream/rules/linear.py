@@ -1,10 +1,14 @@
 """Linear maps: linear, addmm, mm, matmul, bmm with uncertain inputs and/or weights.
 
 Weights are independent of the input (the paper's assumption), so the output
-moments are exact under a Gaussian input and a diagonal weight posterior:
+moments are exact under a Gaussian input, for every weight posterior kind:
 
-    diag:  var = s @ (M^2 + V)^T + m^2 @ V^T + var_b
-    full:  Cov = M S M^T + delta_kl sum_i V_ki E[x_ai x_a'i] + var_b   (a, a': rows of a sample)
+    Cov[h] = M S M^T + Cov[(W - M) x] + Cov[b]
+
+The first term is here; the weight and bias terms come from
+:mod:`fxstream.rules.weights`, chosen by the parameter's posterior kind. For a
+diagonal weight posterior and diagonal activations that is
+var = s @ (M^2)^T + (m^2 + s) @ V^T + var_b.
 """
 
 from __future__ import annotations
@@ -13,8 +17,21 @@ import torch
 
 from .linearise import batch_size
 from .registry import RuleCall, register
+from .weights import (
+    AFFINE_BIAS,
+    PARAM_KINDS,
+    WEIGHT_STRUCTURES,
+    as_tensors,
+    bias_covariance,
+    bias_variance,
+    transposed,
+    weight_diag,
+    weight_full,
+)
 
 aten = torch.ops.aten
+
+Param = tuple[str, tuple[torch.Tensor, ...]] | None
 
 
 def contraction_variance(mx, vx, my, vy) -> torch.Tensor:
@@ -27,78 +44,125 @@ def contraction_variance(mx, vx, my, vy) -> torch.Tensor:
     return total
 
 
-def affine_full(x, vx, w, vw, vb, batch: int) -> torch.Tensor:
-    """Per-sample covariance (B, N, N) of x @ w^T + b; x (.., Din) with full cov vx, w (Dout, Din)."""
+def affine_diag(x: torch.Tensor, vx: torch.Tensor | None, w: torch.Tensor, weight: Param) -> torch.Tensor:
+    """Variances of x @ w^T: input term s @ (M^2)^T plus the weight posterior's term."""
+    var = x.new_zeros(())
+    if vx is not None:
+        var = var + vx @ w.square().t()
+    if weight is not None:
+        var = var + weight_diag(*weight, x, vx)
+    return var
+
+
+def affine_full(x: torch.Tensor, vx: torch.Tensor | None, w: torch.Tensor, weight: Param, batch: int) -> torch.Tensor:
+    """Per-sample covariance (B, N, N) of x @ w^T; x (.., Din) with full cov vx, w (Dout, Din)."""
     d_out, d_in = w.shape
     rows = x.numel() // (batch * d_in)
-    total = 0
-    moments = x.reshape(batch, rows, d_in)
-    moments = moments[:, :, None, :] * moments[:, None, :, :]  # E[x_ai] E[x_a'i]: (B, L, L, Din)
-    if vx is not None:
-        s = vx.reshape(batch, rows, d_in, rows, d_in)
+    x = x.reshape(batch, rows, d_in)
+    s = None if vx is None else vx.reshape(batch, rows, d_in, rows, d_in)
+    total = x.new_zeros(())
+    if s is not None:
         total = total + torch.einsum("ki,bxiyj,lj->bxkyl", w, s, w)
-        moments = moments + s.diagonal(dim1=2, dim2=4)
-    if vw is not None:
-        per_output = torch.einsum("bxyi,ki->bxyk", moments, vw)
-        total = total + torch.diag_embed(per_output).permute(0, 1, 3, 2, 4)
+    if weight is not None:
+        total = total + weight_full(*weight, x, s)
     n = rows * d_out
-    total = torch.broadcast_to(total, (batch, rows, d_out, rows, d_out)).reshape(batch, n, n)
-    return total if vb is None else total + bias_full(vb, rows, batch)
+    return torch.broadcast_to(total, (batch, rows, d_out, rows, d_out)).reshape(batch, n, n)
 
 
-def bias_full(vb: torch.Tensor, rows: int, batch: int) -> torch.Tensor:
-    """Per-sample covariance of a bias shared by all ``rows`` of a sample: var_b[k] wherever k = l."""
-    d_out = vb.shape[-1]
-    shared = torch.diag_embed(vb)[:, None, :].expand(rows, d_out, rows, d_out)
+def bias_full(cov_b: torch.Tensor, rows: int, batch: int) -> torch.Tensor:
+    """Per-sample covariance of a bias (covariance ``cov_b``) shared by all ``rows`` of a sample."""
+    d_out = cov_b.shape[-1]
+    shared = cov_b[None, :, None, :].expand(rows, d_out, rows, d_out)
     n = rows * d_out
     return shared.reshape(1, n, n).expand(batch, n, n)
 
 
-def _check_weight(call: RuleCall, index: int) -> None:
+def parameter(call: RuleCall, index: int) -> Param:
+    """(kind, tensors) of an uncertain parameter argument, None when it is deterministic."""
+    cov = call.cov(index)
+    return None if cov is None else (call.kind(index), as_tensors(cov))
+
+
+def transposed_weight(param: Param) -> Param:
+    """The posterior of P^T for a parameter P (Din, Dout) used as ``x @ P``."""
+    return None if param is None else (param[0], transposed(*param))
+
+
+def _check_bias(call: RuleCall, weight: Param, bias: Param) -> None:
+    joint = weight is not None and WEIGHT_STRUCTURES[weight[0]].affine
+    if joint != (bias is not None and bias[0] == AFFINE_BIAS):
+        raise ValueError(
+            f"{call.op}: a posterior over weight and bias jointly needs both in the same layer call"
+        )
+
+
+def _is_param(call: RuleCall, index: int) -> bool:
     kind = call.kind(index)
-    if kind is not None and not kind.startswith("param"):
-        raise ValueError(f"{call.op}: full covariance when both operands are activations is not supported")
+    return isinstance(kind, str) and kind.startswith("param")
 
 
-@register(aten.linear.default)
+def affine(call: RuleCall, x, w, weight: Param, bias: Param, alpha: float = 1.0, beta: float = 1.0) -> torch.Tensor:
+    """Covariance of alpha * (x @ w^T) + beta * b in the call's activation structure."""
+    _check_bias(call, weight, bias)
+    vx = call.cov(0) if call.op is not aten.addmm.default else call.cov(1)
+    if call.structure == "full":
+        batch = batch_size(call)
+        cov = alpha**2 * affine_full(x, vx, w, weight, batch)
+        cov_b = None if bias is None else bias_covariance(*bias)
+        if cov_b is not None:
+            rows = x.numel() // (batch * x.shape[-1])
+            cov = cov + bias_full(beta**2 * cov_b, rows, batch)
+        return cov
+    var = alpha**2 * affine_diag(x, vx, w, weight)
+    var_b = None if bias is None else bias_variance(*bias)
+    return torch.broadcast_to(var if var_b is None else var + beta**2 * var_b, call.out.shape)
+
+
+@register(aten.linear.default, param_kinds=PARAM_KINDS)
 def linear(call: RuleCall) -> torch.Tensor:
     """x @ W^T + b."""
     x, w = call.arg(0), call.arg(1)
-    vx, vw, vb = call.cov(0), call.cov(1), call.cov(2)
-    if call.structure == "full":
-        _check_weight(call, 1)
-        return affine_full(x, vx, w, vw, vb, batch_size(call))
-    var = contraction_variance(x, vx, w.t(), None if vw is None else vw.t())
-    return torch.broadcast_to(var + (0 if vb is None else vb), call.out.shape)
+    if _is_param(call, 1) or call.cov(1) is None:
+        return affine(call, x, w, parameter(call, 1), parameter(call, 2))
+    vw = call.cov(1).transpose(-1, -2)
+    return _product_of_activations(call, x, call.cov(0), w.transpose(-1, -2), vw, 1.0, parameter(call, 2), 1.0)
 
 
-@register(aten.addmm.default, aten.mm.default)
+@register(aten.addmm.default, aten.mm.default, param_kinds=PARAM_KINDS)
 def addmm(call: RuleCall) -> torch.Tensor:
     """beta * b + alpha * (x @ y) (addmm) and x @ y (mm); y is the weight (Din, Dout)."""
     if call.op is aten.mm.default:
-        (x, vx), (y, vy), vb, beta, alpha = (call.arg(0), call.cov(0)), (call.arg(1), call.cov(1)), None, 1, 1
+        x_index, bias, beta, alpha = 0, None, 1.0, 1.0
     else:
-        (x, vx), (y, vy), vb = (call.arg(1), call.cov(1)), (call.arg(2), call.cov(2)), call.cov(0)
+        x_index, bias = 1, parameter(call, 0)
         beta, alpha = float(call.kwargs.get("beta", 1)), float(call.kwargs.get("alpha", 1))
-    if call.structure == "full":
-        _check_weight(call, 2 if call.op is aten.addmm.default else 1)
-        cov = alpha**2 * affine_full(x, vx, y.t(), None if vy is None else vy.t(), None, batch_size(call))
-        if vb is not None:
-            rows = x.numel() // (batch_size(call) * x.shape[-1])
-            cov = cov + bias_full(beta**2 * vb, rows, batch_size(call))
-        return cov
-    var = alpha**2 * contraction_variance(x, vx, y, vy)
-    return torch.broadcast_to(var + (0 if vb is None else beta**2 * vb), call.out.shape)
+    x, y = call.arg(x_index), call.arg(x_index + 1)
+    if _is_param(call, x_index + 1) or call.cov(x_index + 1) is None:
+        weight = transposed_weight(parameter(call, x_index + 1))
+        return affine(call, x, y.t(), weight, bias, alpha, beta)
+    return _product_of_activations(call, x, call.cov(x_index), y, call.cov(x_index + 1), alpha, bias, beta)
 
 
-@register(aten.matmul.default, aten.bmm.default)
+@register(aten.matmul.default, aten.bmm.default, param_kinds=PARAM_KINDS)
 def matmul(call: RuleCall) -> torch.Tensor:
     """x @ y. With a 2-D y it is a linear layer; batched products of activations are diag only."""
     x, y = call.arg(0), call.arg(1)
-    vx, vy = call.cov(0), call.cov(1)
+    if y.dim() == 2 and (_is_param(call, 1) or call.cov(1) is None):
+        return affine(call, x, y.t(), transposed_weight(parameter(call, 1)), None)
+    return _product_of_activations(call, x, call.cov(0), y, call.cov(1), 1.0, None, 1.0)
+
+
+def _product_of_activations(call: RuleCall, x, vx, y, vy, alpha: float, bias: Param, beta: float) -> torch.Tensor:
+    """Diagonal variance of x @ y when y is an activation, batched, or x a diagonal parameter."""
     if call.structure == "full":
         if y.dim() != 2:
             raise ValueError(f"{call.op}: full covariance of a batched product is not supported; use diag")
-        _check_weight(call, 1)
-        return affine_full(x, vx, y.t(), None if vy is None else vy.t(), None, batch_size(call))
-    return torch.broadcast_to(contraction_variance(x, vx, y, vy), call.out.shape)
+        raise ValueError(f"{call.op}: full covariance when both operands are activations is not supported")
+    for kind in call.kinds:
+        if isinstance(kind, str) and kind.startswith("param") and kind != "param_diag":
+            raise ValueError(
+                f"{call.op}: a '{kind}' posterior is supported on a 2-D weight used as x @ W only"
+            )
+    var = alpha**2 * contraction_variance(x, vx, y, vy)
+    var_b = None if bias is None else bias_variance(*bias)
+    return torch.broadcast_to(var if var_b is None else var + beta**2 * var_b, call.out.shape)

@@ -1,0 +1,314 @@
+"""The weight-uncertainty term of linear and conv layers, one entry per posterior kind.
+
+For h = W x + b with W independent of the input x (mean m, covariance S),
+
+    Cov[h] = M S M^T            (input term, in the rules)
+           + Cov[(W - M) x]     (weight term, here)
+           + Cov[b]             (bias term, here)
+
+and for rows a, a' of one sample (tokens, conv positions)
+Cov[(W - M) x]_{(a,k),(a',l)} = sum_ij Cov(W_ki, W_lj) E[x_ai x_a'j]. Each kind
+evaluates that sum from its own structure (never forming a Kronecker product
+or a dense covariance it was not given). Shapes used throughout:
+
+- the weight as a matrix (Dout, Din): a conv kernel flattened to (Cout, Cin*k*k);
+- ``x``: input rows (..., Din); ``vx``: their variances (same shape) or None;
+- full: ``x`` (B, L, Din), ``s`` the input covariance (B, L, Din, L, Din) or
+  None; the result is (B, L, Dout, L, Dout).
+
+Kinds and their tensors (parameter as stored; ``d_out`` = its first dim):
+
+- ``param_diag`` (V): one variance per entry.
+- ``param_kfac`` (B, A): Cov(W_ki, W_lj) = B_kl A_ij, laplace-torch's row-major vec.
+- ``param_kfac_eig`` (Q_B, Q_A, V~): W = M + Q_B W~ Q_A^T with independent
+  entries of variance V~ (the exact eigen form of a Kronecker precision plus a
+  prior, see fxstream.KFAC.from_eigen).
+- ``param_dense`` (C): C (Dout, Din, Dout, Din) for a weight, (n, n) for a vector.
+- ``param_lowrank`` (d, U): Cov = diag(d) + sum_r vec(U_r) vec(U_r)^T.
+- ``param_dense_affine`` / ``param_lowrank_affine``: the same over [W | b]
+  (Dout, Din + 1), weight and bias jointly; the bias then carries
+  ``param_affine_bias`` with the same tensors and contributes nothing itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Tensors = tuple[torch.Tensor, ...]
+
+
+def _matrix(t: torch.Tensor, d_out: int) -> torch.Tensor:
+    return t.reshape(d_out, -1)
+
+
+def _second_moment_diag(x: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+    """E[x_ai x_a'i] (B, L, L, Din): the second moments the diagonal entries of Cov(W) meet."""
+    moments = x[:, :, None, :] * x[:, None, :, :]
+    return moments if s is None else moments + s.diagonal(dim1=2, dim2=4)
+
+
+def _embed_rows(per_output: torch.Tensor) -> torch.Tensor:
+    """(B, L, L, Dout) -> (B, L, Dout, L, Dout), nonzero only where k = l."""
+    return torch.diag_embed(per_output).permute(0, 1, 3, 2, 4)
+
+
+# --- param_diag -------------------------------------------------------------
+
+def _diag_diag(tensors: Tensors, x, vx):
+    v = _matrix(tensors[0], tensors[0].shape[0])
+    second = x.square() if vx is None else x.square() + vx
+    return second @ v.t()
+
+
+def _diag_full(tensors: Tensors, x, s):
+    v = _matrix(tensors[0], tensors[0].shape[0])
+    return _embed_rows(torch.einsum("bxyi,ki->bxyk", _second_moment_diag(x, s), v))
+
+
+def _diag_marginal(tensors: Tensors):
+    return tensors[0]
+
+
+def _diag_transpose(tensors: Tensors) -> Tensors:
+    return (tensors[0].t(),)
+
+
+# --- param_kfac: B (x) A ------------------------------------------------------
+
+def _kfac_diag(tensors: Tensors, x, vx):
+    out_factor, in_factor = tensors
+    scale = ((x @ in_factor) * x).sum(-1)
+    if vx is not None:
+        scale = scale + vx @ in_factor.diagonal()
+    return scale[..., None] * out_factor.diagonal()
+
+
+def _kfac_full(tensors: Tensors, x, s):
+    out_factor, in_factor = tensors
+    scale = torch.einsum("bxi,ij,byj->bxy", x, in_factor, x)
+    if s is not None:
+        scale = scale + torch.einsum("bxiyj,ij->bxy", s, in_factor)
+    return scale[:, :, None, :, None] * out_factor[None, None, :, None, :]
+
+
+def _kfac_marginal(tensors: Tensors):
+    out_factor, in_factor = tensors
+    return torch.outer(out_factor.diagonal(), in_factor.diagonal())
+
+
+def _kfac_transpose(tensors: Tensors) -> Tensors:
+    return tensors[1], tensors[0]
+
+
+# --- param_kfac_eig: W = M + Q_B W~ Q_A^T, W~ independent --------------------
+
+def _rotate_input(q_in: torch.Tensor, x, cov, full: bool):
+    """z = Q_A^T x with its variances (diag) or covariance (full)."""
+    z = x @ q_in
+    if cov is None:
+        return z, None
+    if full:
+        return z, torch.einsum("bxiyj,ip,jq->bxpyq", cov, q_in, q_in)
+    return z, cov @ q_in.square()
+
+
+def _eig_diag(tensors: Tensors, x, vx):
+    q_out, q_in, v_rot = tensors
+    z, vz = _rotate_input(q_in, x, vx, full=False)
+    return _diag_diag((v_rot,), z, vz) @ q_out.square().t()
+
+
+def _eig_full(tensors: Tensors, x, s):
+    q_out, q_in, v_rot = tensors
+    z, sz = _rotate_input(q_in, x, s, full=True)
+    per_output = torch.einsum("bxyi,ki->bxyk", _second_moment_diag(z, sz), v_rot)
+    return torch.einsum("bxyk,pk,qk->bxpyq", per_output, q_out, q_out)
+
+
+def _eig_marginal(tensors: Tensors):
+    q_out, q_in, v_rot = tensors
+    return q_out.square() @ v_rot @ q_in.square().t()
+
+
+def _eig_transpose(tensors: Tensors) -> Tensors:
+    q_out, q_in, v_rot = tensors
+    return q_in, q_out, v_rot.t()
+
+
+# --- param_dense: C (Dout, Din, Dout, Din) ------------------------------------
+
+def _dense_diag(tensors: Tensors, x, vx):
+    c = tensors[0]
+    own = c.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (Dout, Din, Din): Cov(W_ki, W_kj)
+    var = torch.einsum("...i,kij,...j->...k", x, own, x)
+    if vx is not None:
+        var = var + vx @ own.diagonal(dim1=1, dim2=2).t()
+    return var
+
+
+def _dense_full(tensors: Tensors, x, s):
+    c = tensors[0]
+    total = torch.einsum("kilj,bxi,byj->bxkyl", c, x, x)
+    if s is not None:
+        total = total + torch.einsum("kilj,bxiyj->bxkyl", c, s)
+    return total
+
+
+def _dense_marginal(tensors: Tensors):
+    c = tensors[0]
+    n = c.shape[0] * c.shape[1] if c.dim() == 4 else c.shape[0]
+    return c.reshape(n, n).diagonal()
+
+
+def _dense_transpose(tensors: Tensors) -> Tensors:
+    return (tensors[0].permute(1, 0, 3, 2),)
+
+
+# --- param_lowrank: diag(d) + U U^T -------------------------------------------
+
+def _lowrank_diag(tensors: Tensors, x, vx):
+    d, u = tensors
+    d_out = d.shape[0]
+    factors = u.reshape(u.shape[0], d_out, -1)
+    projected = torch.einsum("...i,rki->r...k", x, factors)
+    var = _diag_diag((d,), x, vx) + projected.square().sum(0)
+    if vx is not None:
+        var = var + vx @ factors.square().sum(0).t()
+    return var
+
+
+def _lowrank_full(tensors: Tensors, x, s):
+    d, u = tensors
+    factors = u.reshape(u.shape[0], d.shape[0], -1)
+    projected = torch.einsum("bxi,rki->rbxk", x, factors)
+    total = _diag_full((d,), x, s) + torch.einsum("rbxk,rbyl->bxkyl", projected, projected)
+    if s is not None:
+        total = total + torch.einsum("rki,bxiyj,rlj->bxkyl", factors, s, factors)
+    return total
+
+
+def _lowrank_marginal(tensors: Tensors):
+    d, u = tensors
+    return d + u.square().sum(0)
+
+
+def _lowrank_transpose(tensors: Tensors) -> Tensors:
+    d, u = tensors
+    return d.t(), u.transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class WeightStructure:
+    """How one posterior kind enters a linear map.
+
+    ``diag(tensors, x, vx)`` -> output variances (..., Dout); ``full(tensors,
+    x, s)`` -> (B, L, Dout, L, Dout); ``marginal(tensors)`` -> the exact
+    variance of each weight entry; ``transpose(tensors)`` -> the tensors of
+    the transposed (Din, Dout) parameter, for ``x @ P`` with P stored that way
+    (None: not available). ``affine``: the tensors cover [W | b].
+    """
+
+    diag: Callable
+    full: Callable
+    marginal: Callable
+    transpose: Callable[[Tensors], Tensors] | None
+    affine: bool = False
+
+
+WEIGHT_STRUCTURES: dict[str, WeightStructure] = {
+    "param_diag": WeightStructure(_diag_diag, _diag_full, _diag_marginal, _diag_transpose),
+    "param_kfac": WeightStructure(_kfac_diag, _kfac_full, _kfac_marginal, _kfac_transpose),
+    "param_kfac_eig": WeightStructure(_eig_diag, _eig_full, _eig_marginal, _eig_transpose),
+    "param_dense": WeightStructure(_dense_diag, _dense_full, _dense_marginal, _dense_transpose),
+    "param_lowrank": WeightStructure(_lowrank_diag, _lowrank_full, _lowrank_marginal, _lowrank_transpose),
+    "param_dense_affine": WeightStructure(_dense_diag, _dense_full, _dense_marginal, None, affine=True),
+    "param_lowrank_affine": WeightStructure(_lowrank_diag, _lowrank_full, _lowrank_marginal, None, affine=True),
+}
+
+AFFINE_BIAS = "param_affine_bias"
+#: every parameter kind a linear or conv rule accepts (weights and biases).
+PARAM_KINDS = tuple(WEIGHT_STRUCTURES) + (AFFINE_BIAS,)
+
+
+def _structure(kind: str) -> WeightStructure:
+    found = WEIGHT_STRUCTURES.get(kind)
+    if found is None:
+        raise ValueError(f"a '{kind}' posterior cannot be the weight of a linear or conv layer")
+    return found
+
+
+def _augment(x: torch.Tensor, cov: torch.Tensor | None, full: bool):
+    """Append a deterministic 1 to every input row: [x, 1] meets [W | b]."""
+    x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+    if cov is None:
+        return x, None
+    pad = (0, 1, 0, 0, 0, 1) if full else (0, 1)
+    return x, torch.nn.functional.pad(cov, pad)
+
+
+def weight_diag(kind: str, tensors: Tensors, x: torch.Tensor, vx: torch.Tensor | None) -> torch.Tensor:
+    """Variances (..., Dout) that the weight's uncertainty adds to x @ W^T."""
+    structure = _structure(kind)
+    if structure.affine:
+        x, vx = _augment(x, vx, full=False)
+    return structure.diag(tensors, x, vx)
+
+
+def weight_full(kind: str, tensors: Tensors, x: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+    """Covariance (B, L, Dout, L, Dout) that the weight's uncertainty adds; x (B, L, Din)."""
+    structure = _structure(kind)
+    if structure.affine:
+        x, s = _augment(x, s, full=True)
+    return structure.full(tensors, x, s)
+
+
+def transposed(kind: str, tensors: Tensors) -> Tensors:
+    """The tensors of P^T for a parameter P (Din, Dout) used as ``x @ P``."""
+    structure = _structure(kind)
+    if structure.transpose is None:
+        raise ValueError(
+            f"a '{kind}' posterior (weight and bias jointly) is only supported on linear and conv "
+            "layers; give the weight and the bias separate covariances"
+        )
+    return structure.transpose(tensors)
+
+
+def as_tensors(cov) -> Tensors:
+    """A parameter's covariance buffers as a tuple (a single buffer arrives bare)."""
+    return tuple(cov) if isinstance(cov, (list, tuple)) else (cov,)
+
+
+def bias_variance(kind: str | None, tensors: Tensors) -> torch.Tensor | None:
+    """Per-output variances of a bias (None: deterministic, or carried by the weight)."""
+    if kind is None or kind == AFFINE_BIAS:
+        return None
+    return marginal_variance(kind, tensors)
+
+
+def bias_covariance(kind: str | None, tensors: Tensors) -> torch.Tensor | None:
+    """The (Dout, Dout) covariance of a bias (None: deterministic, or carried by the weight)."""
+    if kind is None or kind == AFFINE_BIAS:
+        return None
+    if kind == "param_diag":
+        return torch.diag_embed(tensors[0])
+    if kind == "param_dense":
+        return tensors[0]
+    if kind == "param_lowrank":
+        d, u = tensors
+        return torch.diag_embed(d) + u.t() @ u
+    raise ValueError(f"a '{kind}' posterior cannot be the bias of a linear or conv layer")
+
+
+def marginal_variance(kind: str, tensors: Tensors, shape: torch.Size | None = None) -> torch.Tensor:
+    """The exact variance of every entry of a parameter, in its shape (KFAC / dense / low-rank -> diag)."""
+    if kind == AFFINE_BIAS:
+        joint = "param_dense_affine" if len(tensors) == 1 else "param_lowrank_affine"
+        return _structure(joint).marginal(tensors).reshape(tensors[0].shape[0], -1)[:, -1]
+    structure = _structure(kind)
+    var = structure.marginal(tensors)
+    if structure.affine:
+        var = var.reshape(tensors[0].shape[0], -1)[:, :-1]
+    return var.reshape(shape) if shape is not None else var
