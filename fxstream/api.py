@@ -40,7 +40,10 @@ class StreamlinedModel(torch.nn.Module):
             (hidden states, key/value caches) get no covariance work at all."""
             return select(model(*args, **kwargs))
 
-        self._compiled = torch.compile(selected_output, backend=backend, fullgraph=True)
+        # Static shapes: every StreamlinedModel compiles the same code object, so after a few
+        # input shapes Dynamo's automatic dynamic shapes would hand the rules symbolic sizes,
+        # which their forward-mode JVPs cannot trace under Inductor.
+        self._compiled = torch.compile(selected_output, backend=backend, fullgraph=True, dynamic=False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Predictive:
         with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
