@@ -1,0 +1,125 @@
+"""Inductor agrees with eager, and the ``torch.compile(backend="streamline")`` path agrees with ``streamline``.
+
+Each cold Inductor compile costs 8-30 s on 2 cores, so this module compiles
+few distinct graphs: the MLP graph of the first test is reused (warm FX graph
+cache) by the torch.compile-path tests, whose outputs are a plain tensor, a
+dict and a dataclass around the same network.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import fxstream
+
+pytestmark = pytest.mark.inductor
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(27, 3))
+    return model.eval()
+
+
+def all_variances(model: nn.Module, scale: float = 1e-2) -> fxstream.Diagonal:
+    g = torch.Generator().manual_seed(1)
+    return fxstream.Diagonal({n: scale * torch.rand(p.shape, generator=g) for n, p in model.named_parameters()})
+
+
+def assert_same(actual: fxstream.Predictive, expected: fxstream.Predictive) -> None:
+    torch.testing.assert_close(actual.mean, expected.mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(actual.var, expected.var, rtol=1e-4, atol=1e-7)
+    if expected.cov is not None:
+        torch.testing.assert_close(actual.cov, expected.cov, rtol=1e-4, atol=1e-7)
+
+
+X_MLP = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))
+
+
+def test_inductor_matches_eager_mlp_diag() -> None:
+    model, posterior = mlp(), all_variances(mlp())
+    eager = fxstream.streamline(model, posterior, backend="eager")(X_MLP)
+    inductor = fxstream.streamline(model, posterior, backend="inductor")(X_MLP)
+    assert_same(inductor, eager)
+
+
+def test_inductor_matches_eager_cnn_full() -> None:
+    model = cnn()
+    posterior = all_variances(model)
+    x = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    eager = fxstream.streamline(model, posterior, activation_cov="full", backend="eager")(x)
+    inductor = fxstream.streamline(model, posterior, activation_cov="full", backend="inductor")(x)
+    assert inductor.cov is not None
+    assert_same(inductor, eager)
+
+
+class DictOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.net(x)}
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor
+
+
+class DataclassOutput(DictOutput):
+    def forward(self, x: torch.Tensor) -> Output:  # type: ignore[override]
+        return Output(self.net(x))
+
+
+@pytest.mark.parametrize("wrapper", ["tensor", "dict", "dataclass"])
+def test_torch_compile_backend_matches_streamline(wrapper: str) -> None:
+    """The variance reaches the caller through fxstream.predictive(output) for every output structure."""
+    reference = fxstream.streamline(mlp(), all_variances(mlp()), backend="eager")(X_MLP)
+    model = {"tensor": mlp, "dict": DictOutput, "dataclass": DataclassOutput}[wrapper]().eval()
+    names = {n.removeprefix("net."): n for n, _ in model.named_parameters()}
+    posterior = fxstream.Diagonal({names[n]: v for n, v in all_variances(mlp()).variances.items()})
+    compiled = torch.compile(model, backend="streamline", options={"posterior": posterior, "backend": "inductor"})
+    with torch.no_grad():
+        out = compiled(X_MLP)
+    logits = {"tensor": lambda o: o, "dict": lambda o: o["logits"], "dataclass": lambda o: o.logits}[wrapper](out)
+    assert_same(fxstream.predictive(logits), reference)
+    with pytest.raises(fxstream.NoPredictiveError, match="not returned by a streamlined model"):
+        fxstream.predictive(logits.clone())
+
+
+def test_backend_is_registered_by_entry_point_without_importing_fxstream() -> None:
+    """torch.compile(backend="streamline") resolves through the torch_dynamo_backends entry point."""
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        from torch import nn
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3).eval()
+        compiled = torch.compile(model, backend="streamline", options={"input_var": 0.1, "backend": "eager"})
+        x = torch.randn(2, 4)
+        with torch.no_grad():
+            out = compiled(x)
+        assert "fxstream" in sys.modules, "the entry point should have imported fxstream"
+        import fxstream
+        expected = (0.1 * model.weight.square().sum(1)).expand(2, 3)
+        torch.testing.assert_close(fxstream.predictive(out).var, expected.detach())
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
