@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .linearise import batch_size
+from .linearise import batch_size, linearised_full
 from .registry import RuleCall, register
 from .weights import (
     AFFINE_BIAS,
@@ -153,8 +153,14 @@ def matmul(call: RuleCall) -> torch.Tensor:
 
 
 def _product_of_activations(call: RuleCall, x, vx, y, vy, alpha: float, bias: Param, beta: float) -> torch.Tensor:
-    """Diagonal variance of x @ y when y is an activation, batched, or x a diagonal parameter."""
+    """Variance of x @ y when y is an activation, batched, or x a diagonal parameter.
+
+    With one uncertain operand the product is linear in it (attention weights times values),
+    so its linearisation is exact in full covariance too; two uncertain operands are diag only.
+    """
     if call.structure == "full":
+        if vx is None or vy is None:
+            return linearised_full(call)
         if y.dim() != 2:
             raise ValueError(f"{call.op}: full covariance of a batched product is not supported; use diag")
         raise ValueError(f"{call.op}: full covariance when both operands are activations is not supported")

@@ -26,14 +26,9 @@ SAMPLES = [
     Sample(aten.matmul.default, (act(tokens), param(w.t())), exact=True, name="weight"),
     Sample(aten.matmul.default, (act(tokens), act(y)), structures=("diag",), exact=True, name="two-activations"),
     Sample(aten.bmm.default, (act(tokens, 0.5), act(y, 0.5)), structures=("diag",), exact=True, monte_carlo=True),
-    Sample(aten.bmm.default, (act(tokens), y), structures=("diag",), exact=True, name="deterministic-second"),
+    Sample(aten.bmm.default, (act(tokens), y), exact=True, name="deterministic-second"),
+    Sample(aten.matmul.default, (tokens, act(y)), exact=True, name="deterministic-first"),
 ]
-
-
-@pytest.mark.xfail(strict=True, reason="matmul/bmm full: a batched product with one uncertain operand is "
-                   "linear in it, but the rule rejects it (reported to the owner of rules/linear.py)")
-def test_batched_product_with_one_uncertain_operand_full() -> None:
-    check_sample(Sample(aten.bmm.default, (act(tokens), y), exact=True), "full")
 
 
 @pytest.mark.parametrize("sample, structure", cases(SAMPLES))
