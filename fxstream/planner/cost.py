@@ -42,8 +42,13 @@ from .symbolic import SymbolicCapture
 
 Sizes = Mapping[str, int]
 
-FLOP_DEGREES = {"batch": 2, "seq": 3}
-"""Polynomial degree allowed per size symbol when interpolating FLOPs (others: 3)."""
+DEGREES = {"batch": 1, "seq": 3}
+"""Polynomial degree per size symbol when interpolating FLOPs and workspace (others: 3).
+
+Every op works per sample, so costs are linear in the batch; sequence length
+enters up to cubically (a full covariance over seq * width elements, pushed
+through a linearised op).
+"""
 
 
 @dataclass
@@ -71,6 +76,7 @@ class CostReport:
     nodes: list[NodeCost]
     static_bytes: sympy.Expr
     symbols: dict[str, sympy.Symbol]
+    exact: bool = True
 
     @property
     def peak_bytes(self) -> sympy.Expr:
@@ -335,7 +341,7 @@ class Interpolator:
     def __init__(self, sym: SymbolicCapture) -> None:
         self.sym = sym
         self.names = list(sym.symbols)
-        degrees = [FLOP_DEGREES.get(n, 3) for n in self.names]
+        degrees = [DEGREES.get(n, 3) for n in self.names]
         self.grid = [dict(zip(self.names, p)) for p in itertools.product(*[range(2, d + 3) for d in degrees])]
         monomials = list(itertools.product(*[range(d + 1) for d in degrees]))
         basis = sympy.Matrix([[sympy.Mul(*(point[n] ** e for n, e in zip(self.names, m))) for m in monomials]
@@ -349,11 +355,16 @@ class Interpolator:
         coefficients = self.inverse * sympy.Matrix(values)
         return sympy.expand(sum(c * t for c, t in zip(coefficients, self.terms)))
 
-    def fill(self, paired: PairedGraph, costs: list[NodeCost]) -> None:
-        """Set ``flops`` and ``workspace`` of every node, profiling the graph only for unseen node keys."""
+    def fill(self, paired: PairedGraph, costs: list[NodeCost], exact: bool = True) -> bool:
+        """Set ``flops`` and ``workspace`` of every node, profiling the graph only for unseen node keys.
+
+        With ``exact=False`` nothing is profiled: unseen nodes keep no FLOPs and
+        their output bytes as workspace. Returns whether every node was known.
+        """
         nodes = {n.name: n for n in paired.graph_module.graph.nodes}
         keys = {c.name: _node_key(nodes[c.name]) for c in costs if c.name in nodes}
-        if any(k not in self.cache for k in keys.values()):
+        missing = any(k not in self.cache for k in keys.values())
+        if missing and exact:
             runs = [profile(self.sym, paired, point) for point in self.grid]
             for name, key in keys.items():
                 if key in self.cache:
@@ -366,13 +377,19 @@ class Interpolator:
                     points = [self.fit([max(s, default=0) for s in series])]
                 self.cache[key] = (flops, undominated(points))
         for cost in costs:
-            if cost.name in keys:
+            if keys.get(cost.name) in self.cache:
                 cost.flops, cost.workspace = self.cache[keys[cost.name]]
+        return exact or not missing
 
 
-def cost_report(sym: SymbolicCapture, paired: PairedGraph, interpolator: Interpolator | None = None) -> CostReport:
-    """Bytes, FLOPs and workspace per node, static bytes and the liveness peak of a paired graph."""
+def cost_report(sym: SymbolicCapture, paired: PairedGraph, interpolator: Interpolator | None = None,
+                exact: bool = True) -> CostReport:
+    """Bytes, FLOPs and workspace per node, static bytes and the liveness peak of a paired graph.
+
+    ``exact=False`` uses only workspaces already in the interpolator's cache
+    (a quick estimate for ranking candidates); see :meth:`Interpolator.fill`.
+    """
     costs = node_costs(sym, paired)
-    (interpolator or Interpolator(sym)).fill(paired, costs)
+    known = (interpolator or Interpolator(sym)).fill(paired, costs, exact)
     static = sympy.expand(sympy.Add(*(c.bytes for c in costs if c.static)))
-    return CostReport(costs, static, sym.symbols)
+    return CostReport(costs, static, sym.symbols, known)

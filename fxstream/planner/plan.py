@@ -19,7 +19,9 @@ layer's weight variance), which is why every candidate is run.
 
 Search: for each activation structure a greedy chain starts from no Bayesian
 layer and repeatedly adds the layer with the best fidelity gain per byte of
-total memory at the requested sizes, while the gain is positive. A budget takes
+total memory at the requested sizes, while the gain is positive. Candidates
+are ranked with the workspaces already profiled (unseen ones estimated by
+their output bytes); every step taken is then costed exactly. A budget takes
 the longest prefix of a chain that fits, and the structure whose prefix has
 the higher fidelity. The chain does not depend on the budget, so a larger
 budget never gets a lower fidelity.
@@ -181,7 +183,8 @@ class Planner:
     """Everything a plan needs, computed once per model: capture, calibration, cost cache."""
 
     def __init__(self, model: torch.nn.Module, args: tuple, posterior: Diagonal, dims: Dims,
-                 reference_budget: int = 2**30, progress: bool = False) -> None:
+                 reference_budget: int = 2**30, progress: bool = False,
+                 structures: tuple[str, ...] = STRUCTURES) -> None:
         if not isinstance(posterior, Diagonal):
             raise FxstreamError(f"the planner needs a Diagonal posterior to choose from, got "
                                 f"{type(posterior).__name__}")
@@ -195,7 +198,10 @@ class Planner:
         self.unsupported: dict[str, str] = {}
         self.supported: set[tuple[str, str]] = set()
         self._variances: dict[tuple, torch.Tensor] = {}
-        self.structures = [s for s in STRUCTURES if self._calibrate(s)]
+        unknown = sorted(set(structures) - set(STRUCTURES))
+        if unknown or not structures:
+            raise FxstreamError(f"activation structures must be among {STRUCTURES}, got {list(structures)}")
+        self.structures = [s for s in STRUCTURES if s in structures and self._calibrate(s)]
         if not self.structures:
             raise FxstreamError("no layer of the posterior can be made Bayesian: " + "; ".join(
                 f"{layer}: {why}" for layer, why in self.unsupported.items()))
@@ -210,11 +216,14 @@ class Planner:
         prune(paired)
         return paired
 
-    def report(self, layers, structure: str) -> CostReport:
+    def report(self, layers, structure: str, exact: bool = True) -> CostReport:
+        """The cost report of a plan (cached); ``exact=False`` may estimate unseen workspaces."""
         key = (frozenset(layers), structure)
-        if key not in self._reports:
-            self._reports[key] = cost_report(self.sym, self.paired(layers, structure), self.interpolator)
-        return self._reports[key]
+        cached = self._reports.get(key)
+        if cached is None or (exact and not cached.exact):
+            cached = cost_report(self.sym, self.paired(layers, structure), self.interpolator, exact)
+            self._reports[key] = cached
+        return cached
 
     def output_variance(self, layers, structure: str) -> torch.Tensor:
         """The plan's output variance on the calibration batch (cached)."""
@@ -278,15 +287,16 @@ class Planner:
                     continue
                 layers = chosen | {layer}
                 gain = self.fidelity(layers, structure) - fidelity
-                cost = self.report(layers, structure).total_at(sizes)
                 if gain <= 0:
                     continue
+                cost = self.report(layers, structure, exact=False).total_at(sizes)
                 score = gain / max(cost - total, 1)
                 if best is None or score > best[0]:
-                    best = (score, layers, fidelity + gain, cost)
+                    best = (score, layers, fidelity + gain)
             if best is None:
                 break
-            _, chosen, fidelity, total = best
+            _, chosen, fidelity = best
+            total = self.report(chosen, structure).total_at(sizes)
             steps.append((chosen, fidelity, total))
             bar.update(1)
         bar.close()
@@ -407,7 +417,8 @@ def _infeasible(planner: Planner, chains, budget: int, sizes: Mapping[str, int])
 
 
 def plan(model: torch.nn.Module, example_args: tuple | torch.Tensor, posterior: Diagonal, budget: int | str, *,
-         sizes: Mapping[str, int] | None = None, dims: Dims | None = None, progress: bool = False) -> Plan:
+         sizes: Mapping[str, int] | None = None, dims: Dims | None = None,
+         activation_cov: tuple[str, ...] = STRUCTURES, progress: bool = False) -> Plan:
     """Choose per layer the structure that maximises fidelity within ``budget`` at ``sizes``.
 
     Args:
@@ -417,7 +428,10 @@ def plan(model: torch.nn.Module, example_args: tuple | torch.Tensor, posterior: 
         budget: bytes, or a string such as "2GiB".
         sizes: the sizes to plan for, e.g. ``{"batch": 32, "seq": 512}`` (default: the example's).
         dims: which input dimensions are which size (default: dim 0 of the first input is "batch").
+        activation_cov: the activation structures to consider ("diag", "full").
+        progress: show progress bars.
     """
     args = example_args if isinstance(example_args, tuple) else (example_args,)
-    planner = Planner(model, args, posterior, dims or {(0, 0): "batch"}, progress=progress)
+    planner = Planner(model, args, posterior, dims or {(0, 0): "batch"}, progress=progress,
+                      structures=activation_cov)
     return choose(planner, budget, sizes)

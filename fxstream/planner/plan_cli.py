@@ -22,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--budget", required=True, type=_budget, help="memory budget: bytes or e.g. 2GiB, 512MB")
     parser.add_argument("--batch", type=_positive, help="batch size to plan for (default: the example's)")
     parser.add_argument("--seq", type=_positive, help="sequence length to plan for (token models)")
+    parser.add_argument("--activation-cov", choices=("auto", "diag", "full"), default="auto",
+                        help="activation covariance structures to consider (default auto: diag and full)")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     parser.set_defaults(run=run)
 
@@ -80,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
             raise FxstreamError(f"target '{args.target}' has no sequence dimension; drop --seq")
         sizes["seq"] = args.seq
     posterior = load_posterior(target, args.posterior, args.variance)
-    planner = Planner(target.model, target.args, posterior, target.dims, progress=True)
+    structures = ("diag", "full") if args.activation_cov == "auto" else (args.activation_cov,)
+    planner = Planner(target.model, target.args, posterior, target.dims, progress=True, structures=structures)
     chosen = choose(planner, args.budget, sizes)
     print(chosen.to_json() if args.format == "json" else chosen.table())
     return 0
