@@ -11,10 +11,14 @@ from .errors import (
     UnsupportedOpError,
 )
 from .importers import from_ivon, from_laplace
+from .planner import BudgetError, Plan, plan
 from .posterior import KFAC, Dense, Diagonal, LowRank, Mixed, ParameterCovariance, Posterior
 from .predictive import Predictive
 
 __all__ = [
+    "BudgetError",
+    "Plan",
+    "plan",
     "CaptureError",
     "Dense",
     "Diagonal",

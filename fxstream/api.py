@@ -89,6 +89,9 @@ def streamline(
     norm: Literal["paper", "linearised"] = "paper",
     backend: Literal["inductor", "eager"] = "inductor",
     output: str | int | None = None,
+    budget: int | str | None = None,
+    example_inputs: tuple | torch.Tensor | None = None,
+    sizes: dict[str, int] | None = None,
 ) -> StreamlinedModel:
     """Turn ``model`` and a weight posterior into a module that predicts mean and covariance in one pass.
 
@@ -109,9 +112,21 @@ def streamline(
         backend: "inductor" compiles the rewritten graph; "eager" runs it as an FX GraphModule.
         output: the key or index of the output to return the predictive of, for models returning
             a dict, dataclass or tuple (default: "logits" if present, else the first tensor).
+        budget: a memory budget (bytes or e.g. "2GiB"): :func:`fxstream.planner.plan` then picks
+            which layers of ``posterior`` stay Bayesian and the activation structure; needs
+            ``example_inputs`` (also the calibration batch) and optionally ``sizes`` to plan for
+            (e.g. ``{"batch": 32}``). The plan is kept as ``.plan`` on the returned model.
     """
     if model.training:
         raise FxstreamError("the model is in training mode; call model.eval() before streamline()")
+    chosen = None
+    if budget is not None:
+        from .planner import plan
+
+        if example_inputs is None or posterior is None:
+            raise FxstreamError("budget= needs a posterior and example_inputs= (a typical call's inputs)")
+        chosen = plan(model, example_inputs, posterior, budget, sizes=sizes)
+        posterior, activation_cov = chosen.posterior, chosen.activation_cov
     if posterior is not None and isinstance(posterior, Posterior):
         posterior.validate(dict(model.named_parameters()))
     options = StreamlineOptions(
@@ -125,4 +140,6 @@ def streamline(
         backend=backend,
     )
     options.check()
-    return StreamlinedModel(model, options, output)
+    streamlined = StreamlinedModel(model, options, output)
+    streamlined.plan = chosen
+    return streamlined

@@ -141,14 +141,19 @@ def test_infeasible_budget_reports_minimum_and_largest_batch(mlp_planner: Planne
         choose(mlp_planner, 30_000, {"batch": batch + 1})
 
 
-def test_plan_applies_to_streamline(mlp_planner: Planner) -> None:
-    plan = choose(mlp_planner, 2_000_000, {"batch": 8})
-    torch.manual_seed(3)
-    x = torch.randn(8, 12)
-    out = fxstream.streamline(mlp_planner.model, backend="eager", **plan.streamline_kwargs())(x)
+def test_streamline_with_a_budget_runs_the_plan(mlp_planner: Planner) -> None:
+    x = mlp_planner.args[0]
+    model = fxstream.streamline(mlp_planner.model, mlp_planner.posterior, backend="eager", budget=60_000,
+                                example_inputs=(x,), sizes={"batch": 64})
+    plan, same = model.plan, choose(mlp_planner, 60_000, {"batch": 64})
+    assert plan.total_at() <= 60_000
+    assert [(r.layer, r.structure) for r in plan.layers] == [(r.layer, r.structure) for r in same.layers]
+    assert plan.activation_cov == same.activation_cov and plan.fidelity == same.fidelity
+    assert 0 < sum(r.structure != "none" for r in plan.layers) < len(plan.layers)  # the budget bites
+    out = model(x)
     paired = mlp_planner.paired({row.layer for row in plan.layers if row.structure != "none"},
                                 plan.activation_cov)
-    inputs = mlp_planner.sym.graph_inputs({"batch": 8}, lambda p, s: x)
+    inputs = mlp_planner.sym.graph_inputs({"batch": 4}, lambda p, s: x)
     expected = paired.graph_module(*inputs)[paired.num_outputs]
     var = expected.diagonal(dim1=-2, dim2=-1) if plan.activation_cov == "full" else expected
     torch.testing.assert_close(out.var, var.reshape(out.var.shape))
