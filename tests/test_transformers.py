@@ -1,0 +1,267 @@
+"""Transformers from the `transformers` library, unchanged, end to end on the eager backend.
+
+Tiny configs with random weights (float64, so that Monte Carlo, not rounding,
+sets the tolerance): GPT-2 (tied lm_head), ViT, BERT and Llama (RoPE, RMSNorm,
+SwiGLU, grouped-query attention), each with SDPA and eager attention.
+
+Monte Carlo samples exactly the weights the rule treats as uncertain. Under
+the paper's attention rule that excludes query and key weights (GPT-2 packs Q,
+K and V in one c_attn matrix: its Q/K columns get zero variance). The measured
+gaps (residual branches and diagonal activations are approximations) are kept
+as regression guards; `python benchmarks/bench_transformers.py --accuracy`
+prints the table.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call, vmap
+
+import fxstream
+from fxstream.select import last_blocks, select
+
+transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (requirements/extras.txt)")
+
+DTYPE = torch.float64
+MODELS = ("gpt2", "vit", "bert", "llama")
+
+
+def tiny(name: str, attention: str = "sdpa", vocab: int = 97):
+    """A tiny random-weight model of the family and a seeded input batch."""
+    torch.manual_seed(0)
+    common = dict(attn_implementation=attention)
+    if name == "gpt2":
+        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=vocab, n_positions=32,
+                                         bos_token_id=0, eos_token_id=0, **common)
+        model, x = transformers.GPT2LMHeadModel(config), torch.randint(0, vocab, (2, 8))
+    elif name == "vit":
+        config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, image_size=16, patch_size=4, num_labels=5, **common)
+        model, x = transformers.ViTForImageClassification(config), torch.randn(2, 3, 16, 16, dtype=DTYPE)
+    elif name == "bert":
+        config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, vocab_size=vocab, max_position_embeddings=32,
+                                         num_labels=3, **common)
+        model, x = transformers.BertForSequenceClassification(config), torch.randint(0, vocab, (2, 8))
+    else:
+        config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, intermediate_size=64, vocab_size=vocab,
+                                          max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
+                                          pad_token_id=0, **common)
+        model, x = transformers.LlamaForCausalLM(config), torch.randint(0, vocab, (2, 8))
+    return model.to(DTYPE).eval(), x
+
+
+def weight_variances(model: torch.nn.Module, scale: float, with_query_key: bool) -> dict[str, torch.Tensor]:
+    """Variances for the weight matrices of every block (scale * mean |W|^2); Q/K get zero unless asked."""
+    variances = {}
+    for name, p in model.named_parameters():
+        if p.dim() != 2 or "embed" in name or name.endswith(("wte.weight", "wpe.weight")):
+            continue
+        var = scale * p.detach().abs().mean().square() * torch.ones_like(p)
+        if not with_query_key:
+            if name.endswith(("q_proj.weight", "k_proj.weight", "query.weight", "key.weight")):
+                continue
+            if name.endswith("c_attn.weight"):
+                var[:, : 2 * (p.shape[1] // 3)] = 0  # GPT-2 Conv1D (in, 3 out): Q and K columns
+        variances[name] = var
+    return variances
+
+
+def monte_carlo_variance(model, x, variances, samples: int, seed: int = 0, chunk: int = 500) -> torch.Tensor:
+    """Variance of the logits over weights drawn from the diagonal Gaussian ``variances``."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(seed)
+    total = square = 0
+    for start in range(0, samples, chunk):
+        n = min(chunk, samples - start)
+        drawn = {name: p + (variances[name].sqrt() * torch.randn(n, *p.shape, generator=g, dtype=p.dtype)
+                            if name in variances else 0 * p.expand(n, *p.shape))
+                 for name, p in params.items()}
+        logits = vmap(lambda ps: functional_call(model, ps, (x,)).logits)(drawn)
+        total, square = total + logits.sum(0), square + logits.square().sum(0)
+    mean = total / samples
+    return square / samples - mean.square()
+
+
+def relative_errors(var: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """Median and 90th percentile of |var - reference| / reference."""
+    rel = ((var - reference).abs() / reference).flatten()
+    return rel.median().item(), rel.quantile(0.9).item()
+
+
+def streamlined_var(model, x, variances, **options) -> fxstream.Predictive:
+    return fxstream.streamline(model, fxstream.Diagonal(variances), backend="eager", **options)(x)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", MODELS)
+def test_means_equal_the_deterministic_forward(name, attention):
+    model, x = tiny(name, attention)
+    predictive = streamlined_var(model, x, weight_variances(model, 1e-3, with_query_key=True))
+    with torch.no_grad():
+        expected = model(x).logits
+    assert torch.equal(predictive.mean, expected)
+    assert (predictive.var > 0).all()
+
+
+# Measured with 20k-sample Monte Carlo (see benchmarks/bench_transformers.py --accuracy); guards leave
+# room for the Monte Carlo noise of the 4k samples used here.
+GUARDS = {  # (name, options) -> (median, p90) bounds on the relative variance error
+    ("gpt2", "paper"): (0.12, 0.35),
+    ("vit", "full"): (0.06, 0.15),
+    ("vit", "paper"): (0.12, 0.35),
+    ("bert", "paper"): (0.12, 0.35),
+    ("llama", "paper"): (0.12, 0.35),
+    ("llama", "norm-linearised"): (0.12, 0.35),
+}
+SETTINGS = {
+    "paper": {},
+    "norm-linearised": {"norm": "linearised"},
+    "full": {"activation_cov": "full", "norm": "linearised"},
+}
+
+
+@pytest.mark.parametrize("name, setting", list(GUARDS))
+def test_variances_agree_with_monte_carlo(name, setting):
+    """Sampling exactly the weights the paper's attention rule treats as uncertain (no Q/K)."""
+    model, x = tiny(name)
+    variances = weight_variances(model, 1e-3, with_query_key=False)
+    predictive = streamlined_var(model, x, variances, **SETTINGS[setting])
+    median, p90 = relative_errors(predictive.var, monte_carlo_variance(model, x, variances, 4000))
+    max_median, max_p90 = GUARDS[name, setting]
+    assert median <= max_median and p90 <= max_p90, f"{name} {setting}: median {median:.3f}, p90 {p90:.3f}"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_eager_attention_matches_sdpa_under_the_paper_rule(name):
+    """The hand-written attention (softmax held at the mean by rules/patterns.py) and the fused SDPA
+    rule compute the same thing: var_O = P^2 @ var_V."""
+    variances = None
+    results = []
+    for attention in ("sdpa", "eager"):
+        model, x = tiny(name, attention)
+        variances = variances or weight_variances(model, 1e-3, with_query_key=True)
+        results.append(streamlined_var(model, x, variances).var)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=0)
+
+
+def test_query_key_uncertainty_enters_only_when_linearised():
+    model, x = tiny("gpt2")
+    variances = weight_variances(model, 1e-3, with_query_key=True)
+    paper = streamlined_var(model, x, variances).var
+    linearised = streamlined_var(model, x, variances, attention="linearised").var
+    assert (linearised >= paper * (1 - 1e-12)).all() and (linearised > paper).any()
+
+
+def test_rms_norm_paper_rule_holds_the_statistic():
+    """Llama's hand-written RMSNorm: under norm="paper" the output covariance is J S J^T of the norm with
+    the statistic held at its value for the mean input (full activation covariance, exact)."""
+    norm = transformers.models.llama.modeling_llama.LlamaRMSNorm(6, eps=1e-5).to(DTYPE).eval()
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 6))
+    x = torch.randn(2, 3, 6, dtype=DTYPE)
+    input_var = 0.01 * torch.rand(2, 3, 6, dtype=DTYPE)
+    predictive = fxstream.streamline(norm, input_var=input_var, activation_cov="full", backend="eager")(x)
+    scale = torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-5)
+    expected = input_var * (scale * norm.weight).square()
+    torch.testing.assert_close(predictive.var, expected, rtol=1e-10, atol=0)
+
+
+def test_tied_lm_head_is_one_posterior_entry():
+    """GPT-2's lm_head shares wte: one posterior entry, used by the embedding and the head. The diag
+    rules treat the two uses as independent; Monte Carlo samples the shared matrix. Measured gap guarded."""
+    model, x = tiny("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    names = [n for n, _ in model.named_parameters()]
+    assert "transformer.wte.weight" in names and "lm_head.weight" not in names
+    variances = {"transformer.wte.weight": 1e-3 * model.transformer.wte.weight.detach().abs().mean().square()
+                 * torch.ones_like(model.transformer.wte.weight)}
+    predictive = streamlined_var(model, x, variances)
+    median, p90 = relative_errors(predictive.var, monte_carlo_variance(model, x, variances, 4000))
+    assert median <= 0.12 and p90 <= 0.35, f"tied wte: median {median:.3f}, p90 {p90:.3f}"
+
+
+def test_large_vocabulary_needs_nothing_vocab_squared():
+    """A 50257-token head: per-logit variances, and no tensor in the run as large as vocab^2 or
+    params x vocab (the biggest is a few times the (vocab, d) table or the (B, T, vocab) logits)."""
+    vocab = 50257
+    model, x = tiny("gpt2", vocab=vocab)
+    posterior = select(model, include=["transformer.wte.weight", *last_blocks(model, 1)], variance=1e-6)
+    streamlined = fxstream.streamline(model, posterior, backend="eager")
+    predictive = streamlined(x)
+    assert predictive.var.shape == (2, 8, vocab)
+    graph = streamlined.graphs[0]
+    largest = LargestTensor(graph.paired.graph_module)
+    largest.run(*graph.captured.example_inputs)
+    logits, table = 2 * 8 * vocab, vocab * 32
+    assert largest.numel <= 2 * max(logits, table), f"largest tensor has {largest.numel} elements"
+    probs = predictive.probs("probit")
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 8, dtype=DTYPE))
+
+
+class LargestTensor(torch.fx.Interpreter):
+    """Runs a graph and records the element count of the largest tensor any node produces."""
+
+    numel = 0
+
+    def run_node(self, node):
+        result = super().run_node(node)
+        for value in result if isinstance(result, (list, tuple)) else (result,):
+            if isinstance(value, torch.Tensor):
+                self.numel = max(self.numel, value.numel())
+        return result
+
+
+def test_probit_next_token_probabilities_track_monte_carlo():
+    """With a broad posterior, probit probabilities from the one-pass predictive are much closer to Monte
+    Carlo's averaged softmax than the plain softmax of the mean logits."""
+    model, x = tiny("gpt2")
+    variances = weight_variances(model, 30.0, with_query_key=False)
+    predictive = streamlined_var(model, x, variances)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    drawn = {n: p + (variances[n].sqrt() * torch.randn(2000, *p.shape, generator=g, dtype=DTYPE)
+                     if n in variances else 0 * p.expand(2000, *p.shape)) for n, p in params.items()}
+    mc = vmap(lambda ps: functional_call(model, ps, (x,)).logits.softmax(-1))(drawn).mean(0)
+    probit_gap = (predictive.probs("probit") - mc).abs().sum(-1).mean()
+    plain_gap = (predictive.mean.softmax(-1) - mc).abs().sum(-1).mean()
+    assert probit_gap < 0.5 * plain_gap, f"probit {probit_gap:.4f} vs plain softmax {plain_gap:.4f}"
+
+
+def test_select_builds_posteriors_by_pattern():
+    model, _ = tiny("gpt2")
+    blocks = last_blocks(model, 1)
+    assert blocks == ["transformer.h.1.*"]
+    posterior = select(model, include=blocks, exclude=["*.bias", "*ln_*"], variance=2e-3)
+    assert sorted(posterior.parameter_names()) == [
+        "transformer.h.1.attn.c_attn.weight", "transformer.h.1.attn.c_proj.weight",
+        "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight",
+    ]
+    assert all((posterior.covariance(n).tensors[0] == 2e-3).all() for n in posterior.parameter_names())
+    source = fxstream.Diagonal({n: torch.full_like(p, 0.5) for n, p in model.named_parameters()})
+    subset = select(model, include=["*.mlp.*"], variance=source)
+    assert set(subset.parameter_names()) == {n for n, _ in model.named_parameters() if ".mlp." in n}
+    assert (subset.covariance("transformer.h.0.mlp.c_fc.weight").tensors[0] == 0.5).all()
+    with pytest.raises(fxstream.PosteriorMismatchError, match="no parameter matches"):
+        select(model, include=["*.nonexistent"])
+    with pytest.raises(fxstream.PosteriorMismatchError, match="cannot take the last 3"):
+        last_blocks(model, 3)
+
+
+def test_pruning_skips_everything_below_the_first_bayesian_block():
+    """With only the last block Bayesian, no covariance node belongs to the embeddings or block 0."""
+    model, x = tiny("gpt2")
+    streamlined = fxstream.streamline(model, select(model, include=last_blocks(model, 1)), backend="eager")
+    streamlined(x)
+    graph = streamlined.graphs[0]
+    owners = {n.meta["fxstream"]["of"] for n in graph.paired.graph_module.graph.nodes
+              if n.meta.get("fxstream", {}).get("role") == "cov"}
+    first_block = {n.name for n in graph.captured.graph_module.graph.nodes
+                   if any("h.0" in str(path) or "wte" in str(path) or "wpe" in str(path)
+                          for path, _ in (n.meta.get("nn_module_stack") or {}).values())}
+    assert owners and not owners & first_block
+    everything = fxstream.streamline(model, select(model), backend="eager")
+    everything(x)
+    assert graph.report.kept < everything.graphs[0].report.kept

