@@ -58,7 +58,7 @@ def main() -> None:
         posterior = fxstream.Diagonal({n: torch.full_like(p, 1e-3) for n, p in target.model.named_parameters()})
         planner = Planner(target.model, target.args, posterior, target.dims)
         for structure in planner.structures:
-            layers = [layer for layer in planner.layers if (layer, structure) in planner.supported]
+            layers = planner.richest(structure)
             report = planner.report(layers, structure)
             paired = planner.paired(layers, structure)
             for sizes in SIZES[name]:

@@ -35,6 +35,10 @@ def mlp_planner() -> Planner:
     return Planner(model, (torch.randn(4, 12),), _posterior(model), {(0, 0): "batch"})
 
 
+def _choice(plan) -> frozenset:
+    return frozenset((row.layer, row.structure) for row in plan.layers if row.structure != "none")
+
+
 class _Outputs(torch.fx.Interpreter):
     """Runs a graph and keeps the bytes of every node's output storage."""
 
@@ -51,7 +55,7 @@ class _Outputs(torch.fx.Interpreter):
 
 @pytest.mark.parametrize("structure", ["diag", "full"])
 def test_node_byte_formulas_equal_real_tensor_sizes(mlp_planner: Planner, structure: str) -> None:
-    layers = list(mlp_planner.layers)
+    layers = mlp_planner.richest(structure)
     report = mlp_planner.report(layers, structure)
     paired = mlp_planner.paired(layers, structure)
     torch.manual_seed(1)
@@ -67,7 +71,7 @@ def test_node_byte_formulas_equal_real_tensor_sizes(mlp_planner: Planner, struct
 
 @pytest.mark.parametrize("structure", ["diag", "full"])
 def test_flop_formula_equals_counted_flops_off_the_grid(mlp_planner: Planner, structure: str) -> None:
-    layers = list(mlp_planner.layers)
+    layers = mlp_planner.richest(structure)
     report = mlp_planner.report(layers, structure)
     counted = profile(mlp_planner.sym, mlp_planner.paired(layers, structure), {"batch": 23}).flops
     assert report.evaluate(report.flops, {"batch": 23}) == sum(counted.values()) > 0
@@ -118,8 +122,7 @@ def test_every_plan_fits_its_budget_and_more_budget_never_lowers_fidelity(mlp_pl
         except BudgetError:
             assert not fidelities, "a smaller budget had a plan but a larger one has none"
             continue
-        chosen = {row.layer for row in plan.layers if row.structure != "none"}
-        paired = mlp_planner.paired(chosen, plan.activation_cov)
+        paired = mlp_planner.paired(_choice(plan), plan.activation_cov)
         inputs = mlp_planner.sym.graph_inputs(sizes, lambda p, s: torch.randn(s))
         measured = plan.report.evaluate(plan.report.static_bytes, sizes) + measure_peak(paired.graph_module, *inputs)
         assert measured <= budget, (budget, measured)
@@ -151,8 +154,7 @@ def test_streamline_with_a_budget_runs_the_plan(mlp_planner: Planner) -> None:
     assert plan.activation_cov == same.activation_cov and plan.fidelity == same.fidelity
     assert 0 < sum(r.structure != "none" for r in plan.layers) < len(plan.layers)  # the budget bites
     out = model(x)
-    paired = mlp_planner.paired({row.layer for row in plan.layers if row.structure != "none"},
-                                plan.activation_cov)
+    paired = mlp_planner.paired(_choice(plan), plan.activation_cov)
     inputs = mlp_planner.sym.graph_inputs({"batch": 4}, lambda p, s: x)
     expected = paired.graph_module(*inputs)[paired.num_outputs]
     var = expected.diagonal(dim1=-2, dim2=-1) if plan.activation_cov == "full" else expected
@@ -168,3 +170,28 @@ def test_parse_bytes(text, value) -> None:
 def test_parse_bytes_rejects_nonsense(text) -> None:
     with pytest.raises(fxstream.FxstreamError):
         parse_bytes(text)
+
+
+def test_kfac_posterior_layers_choose_between_none_diag_and_kfac() -> None:
+    model = _mlp()
+    factors = {}
+    for name, param in model.named_parameters():
+        if param.dim() == 2:
+            out_root, in_root = torch.randn(param.shape[0], param.shape[0]), torch.randn(param.shape[1], param.shape[1])
+            factors[name] = (0.1 * out_root @ out_root.t() / param.shape[0] + 0.01 * torch.eye(param.shape[0]),
+                             0.1 * in_root @ in_root.t() / param.shape[1] + 0.01 * torch.eye(param.shape[1]))
+        else:
+            factors[name] = (1e-3 * torch.eye(param.shape[0]),)
+    planner = Planner(model, (torch.randn(4, 12),), fxstream.KFAC(factors), {(0, 0): "batch"},
+                      structures=("diag",))
+    assert planner.ladders == {"0": ["diag", "kfac"], "2": ["diag", "kfac"], "4": ["diag", "kfac"]}
+    rich = choose(planner, 10**9, {"batch": 16})
+    assert rich.fidelity == pytest.approx(1.0, abs=1e-6)
+    assert {row.structure for row in rich.layers} <= {"diag", "kfac"} and "kfac" in {r.structure for r in rich.layers}
+    paired = planner.paired(_choice(rich), "diag")
+    inputs = planner.sym.graph_inputs({"batch": 16}, lambda p, s: torch.randn(s))
+    measured = rich.report.evaluate(rich.report.static_bytes, {"batch": 16}) + profiler_peak(paired.graph_module,
+                                                                                               *inputs)
+    assert measured <= rich.total_at() * 1.15
+    small = choose(planner, rich.total_at() - 1, {"batch": 16})
+    assert small.fidelity <= rich.fidelity and small.total_at() < rich.total_at()

@@ -1,25 +1,28 @@
 """The memory-budget planner: which layers are Bayesian, and in which structure, within a budget.
 
 A *layer* is a module owning parameters of the posterior. A plan gives every
-layer a structure ("diag": its posterior as given, or "none": deterministic)
-and the whole graph one activation covariance ("diag" or "full").
+layer a weight structure: "none" (deterministic), "diag" (the posterior's
+exact marginal variances), or the posterior's own richer structure where it
+has one ("kfac", "kfac_eig", "dense", "lowrank", ...); and the whole graph one
+activation covariance ("diag" or "full").
 
 Fidelity is measured on a calibration batch (the example input): every
 candidate plan the search looks at is run (eager, at the example's sizes) and
 its output variance compared with that of the richest affordable reference:
-every layer on, "full" activations when that run fits ``reference_budget``,
+every layer in its richest structure, "full" activations when that fits ``reference_budget``,
 else "diag". The measure is one minus the mean relative variance error,
 
     fidelity = 1 - mean_i |v_plan,i - v_ref,i| / v_ref,i      (clipped to [0, 1]),
 
 over the output elements with v_ref > 0: 1 reproduces the reference, 0 is a
-deterministic network. Results are cached per (layers, structure). Per-layer
+deterministic network. Results are cached per (choice, structure). Per-layer
 variances do not simply add up (a layer's input variance multiplies the next
 layer's weight variance), which is why every candidate is run.
 
 Search: for each activation structure a greedy chain starts from no Bayesian
-layer and repeatedly adds the layer with the best fidelity gain per byte of
-total memory at the requested sizes, while the gain is positive. Candidates
+layer and repeatedly takes the upgrade (a layer turned on, or moved to a
+richer weight structure) with the best fidelity gain per byte of total memory
+at the requested sizes, while the gain is positive. Candidates
 are ranked with the workspaces already profiled (unseen ones estimated by
 their output bytes); every step taken is then costed exactly. A budget takes
 the longest prefix of a chain that fits, and the structure whose prefix has
@@ -179,24 +182,54 @@ class Plan:
         return f"{layers}\n\n{totals}"
 
 
-class Planner:
-    """Everything a plan needs, computed once per model: capture, calibration, cost cache."""
+Choice = frozenset
+"""A plan's Bayesian layers: a frozenset of (layer, weight structure) pairs."""
 
-    def __init__(self, model: torch.nn.Module, args: tuple, posterior: Diagonal, dims: Dims,
+
+class _Chosen(Posterior):
+    """The posterior restricted to chosen layers, each in its own structure or as its diagonal."""
+
+    def __init__(self, native: Posterior, diagonal: Diagonal, structures: dict[str, str]) -> None:
+        self.native, self.diagonal, self.structures = native, diagonal, structures
+
+    def parameter_names(self) -> list[str]:
+        return list(self.structures)
+
+    def covariance(self, name: str):
+        source = self.diagonal if self.structures[name] == "diag" else self.native
+        return source.covariance(name)
+
+    def validate(self, parameters) -> None:
+        self.native.validate(parameters)
+
+    def __repr__(self) -> str:
+        return f"Chosen({len(self.structures)} parameters of {self.native!r})"
+
+
+class Planner:
+    """Everything a plan needs, computed once per model: capture, calibration, cost cache.
+
+    Each layer's weight structures, cheapest first: "diag" (the posterior's
+    exact marginal variances) and, when the posterior is richer, its own
+    structure ("kfac", "dense", "lowrank", ...).
+    """
+
+    def __init__(self, model: torch.nn.Module, args: tuple, posterior: Posterior, dims: Dims,
                  reference_budget: int = 2**30, progress: bool = False,
                  structures: tuple[str, ...] = STRUCTURES) -> None:
-        if not isinstance(posterior, Diagonal):
-            raise FxstreamError(f"the planner needs a Diagonal posterior to choose from, got "
-                                f"{type(posterior).__name__}")
+        if not isinstance(posterior, Posterior):
+            raise FxstreamError(f"the planner needs an fxstream posterior, got {type(posterior).__name__}")
         posterior.validate(dict(model.named_parameters()))
         self.model, self.args, self.posterior = model, args, posterior
+        self.diagonal = posterior if isinstance(posterior, Diagonal) else posterior.to_diagonal()
         self.progress = progress
         self.sym: SymbolicCapture = capture_symbolic(model, args, dims)
         self.interpolator = Interpolator(self.sym)
         self._reports: dict[tuple, CostReport] = {}
         self.layers = _group(posterior.parameter_names())
+        self.ladders = {layer: self._ladder(params) for layer, params in self.layers.items()}
         self.unsupported: dict[str, str] = {}
-        self.supported: set[tuple[str, str]] = set()
+        self.supported: set[tuple[str, str, str]] = set()
         self._variances: dict[tuple, torch.Tensor] = {}
         unknown = sorted(set(structures) - set(STRUCTURES))
         if unknown or not structures:
@@ -207,33 +240,42 @@ class Planner:
                 f"{layer}: {why}" for layer, why in self.unsupported.items()))
         self.reference, self.reference_var = self._reference(reference_budget)
 
-    def subset(self, layers) -> Diagonal:
-        return Diagonal({p: self.posterior.variances[p] for layer in layers for p in self.layers[layer]})
+    def _ladder(self, params: list[str]) -> list[str]:
+        kinds = [self.posterior.covariance(p).kind.removeprefix("param_") for p in params]
+        native = next((k for k in kinds if k not in ("diag", "affine_bias")), "diag")
+        return ["diag"] if native == "diag" else ["diag", native]
 
-    def paired(self, layers, structure: str) -> PairedGraph:
-        options = StreamlineOptions(posterior=self.subset(layers), activation_cov=structure, model=self.model)
+    def subset(self, choice: Choice) -> Posterior:
+        """The posterior of a plan: the chosen layers in their chosen structures."""
+        structures = {p: weight for layer, weight in choice for p in self.layers[layer]}
+        if all(w == "diag" for w in structures.values()):
+            return Diagonal({p: self.diagonal.variances[p] for p in structures})
+        return _Chosen(self.posterior, self.diagonal, structures)
+
+    def paired(self, choice: Choice, structure: str) -> PairedGraph:
+        options = StreamlineOptions(posterior=self.subset(choice), activation_cov=structure, model=self.model)
         paired = pair(self.sym.captured, _sources(self.sym.captured, options), structure)
         prune(paired)
         return paired
 
-    def report(self, layers, structure: str, exact: bool = True) -> CostReport:
+    def report(self, choice: Choice, structure: str, exact: bool = True) -> CostReport:
         """The cost report of a plan (cached); ``exact=False`` may estimate unseen workspaces."""
-        key = (frozenset(layers), structure)
+        key = (frozenset(choice), structure)
         cached = self._reports.get(key)
         if cached is None or (exact and not cached.exact):
-            cached = cost_report(self.sym, self.paired(layers, structure), self.interpolator, exact)
+            cached = cost_report(self.sym, self.paired(choice, structure), self.interpolator, exact)
             self._reports[key] = cached
         return cached
 
-    def output_variance(self, layers, structure: str) -> torch.Tensor:
+    def output_variance(self, choice: Choice, structure: str) -> torch.Tensor:
         """The plan's output variance on the calibration batch (cached)."""
-        key = (frozenset(layers), structure)
+        key = (frozenset(choice), structure)
         if key not in self._variances:
-            self._variances[key] = self._run(layers, structure)
+            self._variances[key] = self._run(choice, structure)
         return self._variances[key]
 
-    def _run(self, layers, structure: str) -> torch.Tensor:
-        paired = self.paired(layers, structure)
+    def _run(self, choice: Choice, structure: str) -> torch.Tensor:
+        paired = self.paired(choice, structure)
         inputs = self.sym.graph_inputs(self.sym.example_sizes, lambda p, shape: self._example(p))
         with torch.no_grad():
             outputs = paired.graph_module(*inputs)
@@ -246,58 +288,72 @@ class Planner:
 
     def _calibrate(self, structure: str) -> bool:
         usable = False
-        layers = self.layers if not self.progress else tqdm(self.layers, desc=f"calibrate {structure}", leave=False)
-        for layer in layers:
+        rungs = [(layer, weight) for layer, ladder in self.ladders.items() for weight in ladder]
+        for layer, weight in tqdm(rungs, desc=f"calibrate {structure}", leave=False, disable=not self.progress):
             try:
-                self.output_variance([layer], structure)
-                self.supported.add((layer, structure))
+                self.output_variance(frozenset({(layer, weight)}), structure)
+                self.supported.add((layer, weight, structure))
                 usable = True
             except FxstreamError as error:
                 self.unsupported.setdefault(layer, str(error).split(". ")[0])
             except (ValueError, RuntimeError) as error:
-                self.unsupported.setdefault(layer, f"{structure} activations: {str(error).splitlines()[0]}")
+                self.unsupported.setdefault(layer, f"{weight} weights, {structure} activations: "
+                                                   f"{str(error).splitlines()[0]}")
         return usable
+
+    def richest(self, structure: str) -> Choice:
+        """Every layer in its richest structure that works with these activations."""
+        choice = []
+        for layer, ladder in self.ladders.items():
+            usable = [w for w in ladder if (layer, w, structure) in self.supported]
+            if usable:
+                choice.append((layer, usable[-1]))
+        return frozenset(choice)
 
     def _reference(self, reference_budget: int) -> tuple[str, torch.Tensor]:
         for structure in reversed(self.structures):
-            layers = [layer for layer in self.layers if (layer, structure) in self.supported]
-            if self.report(layers, structure).total_at(self.sym.example_sizes) <= reference_budget:
-                return structure, self.output_variance(layers, structure)
+            if self.report(self.richest(structure), structure).total_at(self.sym.example_sizes) <= reference_budget:
+                return structure, self.output_variance(self.richest(structure), structure)
         structure = self.structures[0]
-        layers = [layer for layer in self.layers if (layer, structure) in self.supported]
-        return structure, self.output_variance(layers, structure)
+        return structure, self.output_variance(self.richest(structure), structure)
 
-    def fidelity(self, layers, structure: str) -> float:
+    def fidelity(self, choice: Choice, structure: str) -> float:
         """1 - mean relative variance error of the plan's measured output variance against the reference."""
-        if not layers:
+        if not choice:
             return 0.0
-        return _fidelity(self.output_variance(layers, structure), self.reference_var)
+        return _fidelity(self.output_variance(choice, structure), self.reference_var)
 
-    def chain(self, structure: str, sizes: Mapping[str, int]) -> list[tuple[frozenset, float, int]]:
-        """Greedy upgrade chain: (layers, fidelity, total bytes) from one layer to all useful ones."""
-        chosen: frozenset[str] = frozenset()
+    def chain(self, structure: str, sizes: Mapping[str, int]) -> list[tuple[Choice, float, int]]:
+        """Greedy upgrade chain: (choice, fidelity, total bytes) from one layer up to all useful upgrades.
+
+        An upgrade turns a layer on, or moves it to a richer weight structure.
+        """
+        current: dict[str, str] = {}
         fidelity, total = 0.0, 0
-        candidates = [layer for layer in self.layers if (layer, structure) in self.supported]
         steps = []
-        bar = tqdm(total=len(candidates), desc=f"plan {structure}", leave=False, disable=not self.progress)
+        bar = tqdm(desc=f"plan {structure}", leave=False, disable=not self.progress)
         while True:
             best = None
-            for layer in candidates:
-                if layer in chosen:
-                    continue
-                layers = chosen | {layer}
-                gain = self.fidelity(layers, structure) - fidelity
-                if gain <= 0:
-                    continue
-                cost = self.report(layers, structure, exact=False).total_at(sizes)
-                score = gain / max(cost - total, 1)
-                if best is None or score > best[0]:
-                    best = (score, layers, fidelity + gain)
+            for layer, ladder in self.ladders.items():
+                start = ladder.index(current[layer]) + 1 if layer in current else 0
+                for weight in ladder[start:]:
+                    if (layer, weight, structure) not in self.supported:
+                        continue
+                    choice = frozenset({**current, layer: weight}.items())
+                    gain = self.fidelity(choice, structure) - fidelity
+                    if gain <= 0:
+                        continue
+                    cost = self.report(choice, structure, exact=False).total_at(sizes)
+                    score = gain / max(cost - total, 1)
+                    if best is None or score > best[0]:
+                        best = (score, layer, weight, fidelity + gain)
             if best is None:
                 break
-            _, chosen, fidelity = best
-            total = self.report(chosen, structure).total_at(sizes)
-            steps.append((chosen, fidelity, total))
+            _, layer, weight, fidelity = best
+            current[layer] = weight
+            choice = frozenset(current.items())
+            total = self.report(choice, structure).total_at(sizes)
+            steps.append((choice, fidelity, total))
             bar.update(1)
         bar.close()
         return steps
@@ -331,15 +387,15 @@ def choose(planner: Planner, budget: int | str, sizes: Mapping[str, int] | None 
         prefix = _longest_prefix(steps, budget)
         if prefix is None:
             continue
-        layers, fidelity, total = steps[prefix]
+        choice, fidelity, total = steps[prefix]
         if best is None or (fidelity, -total) > (best[2], -best[3]):
-            best = (structure, layers, fidelity, total)
+            best = (structure, choice, fidelity, total)
     if best is None:
         raise _infeasible(planner, chains, budget, sizes)
-    structure, layers, fidelity, _ = best
-    report = planner.report(layers, structure)
-    posterior = planner.subset(layers)
-    rows = _rows(planner, layers, structure, report)
+    structure, choice, fidelity, _ = best
+    report = planner.report(choice, structure)
+    posterior = planner.subset(choice)
+    rows = _rows(planner, choice, structure, report)
     plan = Plan(structure, rows, dict(sizes), budget, fidelity, report, posterior,
                 limits=_limits(report, budget, sizes), reference=planner.reference)
     return plan
@@ -355,17 +411,19 @@ def _longest_prefix(steps, budget: int) -> int | None:
     return last
 
 
-def _rows(planner: Planner, layers: frozenset, structure: str, report: CostReport) -> list[LayerRow]:
+def _rows(planner: Planner, choice: Choice, structure: str, report: CostReport) -> list[LayerRow]:
+    chosen = dict(choice)
     rows = []
     for layer, params in planner.layers.items():
-        posterior_bytes = sum(planner.posterior.variances[p].numel() * planner.posterior.variances[p].element_size()
-                              for p in params)
-        if layer in layers:
-            gain = planner.fidelity(layers, structure) - planner.fidelity(layers - {layer}, structure)
+        posterior_bytes = sum(t.numel() * t.element_size() for p in params
+                              for t in planner.posterior.covariance(p).tensors)
+        if layer in chosen:
+            without = frozenset((k, v) for k, v in choice if k != layer)
+            gain = planner.fidelity(choice, structure) - planner.fidelity(without, structure)
             mine = [n for n in report.nodes if n.role == "cov" and not n.static and n.module == layer]
-            rows.append(LayerRow(layer, params, "diag", "chosen", posterior_bytes, gain,
+            rows.append(LayerRow(layer, params, chosen[layer], "chosen", posterior_bytes, gain,
                                  sympy.Add(*(n.bytes for n in mine)), sympy.Add(*(n.flops for n in mine))))
-        elif (layer, structure) not in planner.supported:
+        elif not any((layer, w, structure) in planner.supported for w in planner.ladders[layer]):
             why = planner.unsupported.get(layer, f"no '{structure}' rule on its path")
             rows.append(LayerRow(layer, params, "none", f"cannot: {why}", posterior_bytes))
         else:
@@ -401,8 +459,8 @@ def _infeasible(planner: Planner, chains, budget: int, sizes: Mapping[str, int])
     firsts = [(steps[0][2], structure, steps[0][0]) for structure, steps in chains.items() if steps]
     if not firsts:
         return BudgetError("no layer adds output variance, so there is nothing to plan")
-    minimum, structure, layers = min(firsts, key=lambda f: f[0])
-    report = planner.report(layers, structure)
+    minimum, structure, choice = min(firsts, key=lambda f: f[0])
+    report = planner.report(choice, structure)
     batch = largest_fitting(report, budget, sizes, "batch") if "batch" in report.symbols else None
     at = ", ".join(f"{k}={v}" for k, v in sizes.items())
     if batch is None:
@@ -412,11 +470,11 @@ def _infeasible(planner: Planner, chains, budget: int, sizes: Mapping[str, int])
     else:
         hint = f"; at this budget the largest batch that fits is {batch}"
     return BudgetError(f"no plan fits {format_bytes(budget)} at {at}: the cheapest plan (layer "
-                       f"{', '.join(sorted(layers))}, {structure} activations) needs {format_bytes(minimum)} "
+                       f"{', '.join(f'{layer} {weight}' for layer, weight in sorted(choice))}, {structure} activations) needs {format_bytes(minimum)} "
                        f"({minimum} bytes){hint}", minimum, batch)
 
 
-def plan(model: torch.nn.Module, example_args: tuple | torch.Tensor, posterior: Diagonal, budget: int | str, *,
+def plan(model: torch.nn.Module, example_args: tuple | torch.Tensor, posterior: Posterior, budget: int | str, *,
          sizes: Mapping[str, int] | None = None, dims: Dims | None = None,
          activation_cov: tuple[str, ...] = STRUCTURES, progress: bool = False) -> Plan:
     """Choose per layer the structure that maximises fidelity within ``budget`` at ``sizes``.
@@ -424,7 +482,8 @@ def plan(model: torch.nn.Module, example_args: tuple | torch.Tensor, posterior: 
     Args:
         model: the model in eval mode.
         example_args: an example call ``model(*example_args)``; also the calibration batch.
-        posterior: the full posterior to choose from (``fxstream.Diagonal``).
+        posterior: the full posterior to choose from (any fxstream posterior; each layer may also
+            fall back to its diagonal, i.e. its exact marginal variances).
         budget: bytes, or a string such as "2GiB".
         sizes: the sizes to plan for, e.g. ``{"batch": 32, "seq": 512}`` (default: the example's).
         dims: which input dimensions are which size (default: dim 0 of the first input is "batch").
