@@ -174,3 +174,156 @@ def test_uncertain_input_meets_structured_weight(kind, net, structure):
                                rtol=1e-9, atol=1e-12)
     if structure == "full":
         torch.testing.assert_close(pred.cov.reshape(expected.shape), expected, rtol=1e-9, atol=1e-12)
+
+
+def _layer_sigmas(kind: str, model: nn.Module, scale: float, seed: int):
+    """One posterior of ``kind`` per layer of ``model`` (combined with Mixed) and each layer's Sigma."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    parts, sigmas = [], {}
+    for name in shapes:
+        if name.endswith(".weight"):
+            layer = name[: -len(".weight")]
+            post, sigma = layer_posterior(kind, name, f"{layer}.bias", shapes, g, scale)
+            parts.append(post)
+            sigmas[layer] = sigma
+    return Mixed(*parts), sigmas
+
+
+def _sample_outputs(model: nn.Module, sigmas: dict, x: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    draws = {}
+    for layer, sigma in sigmas.items():
+        w, b = params[f"{layer}.weight"], params[f"{layer}.bias"]
+        mean = torch.cat([w.detach().flatten(), b.detach()])
+        root = torch.linalg.cholesky(sigma + 1e-12 * torch.eye(len(sigma), dtype=sigma.dtype))
+        flat = mean + torch.randn(count, len(mean), generator=g, dtype=sigma.dtype) @ root.t()
+        draws[f"{layer}.weight"] = flat[:, : w.numel()].reshape(count, *w.shape)
+        draws[f"{layer}.bias"] = flat[:, w.numel():]
+    run_one = lambda p: functional_call(model, {**params, **p}, (x,))  # noqa: E731
+    with torch.no_grad():
+        return torch.vmap(run_one)(draws)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "kfac_eig", "dense_joint", "lowrank"])
+def test_all_layers_match_monte_carlo(kind):
+    """Every layer Bayesian (MLP), full activation covariance: within a few percent of 1e5-sample MC."""
+    model = mlp()
+    posterior, sigmas = _layer_sigmas(kind, model, 1e-3, seed=6)
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    pred = run(model, posterior, x, "full")
+    outputs = _sample_outputs(model, sigmas, x, 100_000, seed=8)
+    gap = ((pred.var - outputs.var(0)).abs() / outputs.var(0)).max().item()
+    assert gap < 0.03, f"max relative variance gap {gap:.4f}"
+
+
+@pytest.mark.parametrize("kind", STRUCTURES)
+def test_to_diagonal_is_the_exact_marginal(kind):
+    model = cnn()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    posterior, sigma = layer_posterior(kind, "2.weight", "2.bias", shapes, torch.Generator().manual_seed(9), 0.1)
+    diagonal = posterior.to_diagonal()
+    diagonal.validate(dict(model.named_parameters()))
+    got = torch.cat([diagonal.variances["2.weight"].flatten(), diagonal.variances["2.bias"]])
+    torch.testing.assert_close(got, sigma.diagonal(), rtol=1e-12, atol=1e-15)
+
+
+class _Matmul(nn.Module):
+    """A layer written as x @ P + b, with P stored (Din, Dout): the addmm / matmul path."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+        self.bias = nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.tanh(x) @ self.weight + self.bias
+
+
+def weight_only_posterior(kind: str, name: str, shape: tuple, g: torch.Generator, scale: float):
+    """A posterior over one 2-D parameter in its stored layout, and the dense Sigma over its row-major vec."""
+    rows, cols = shape
+    if kind == "diag":
+        v = scale * torch.rand(shape, generator=g, dtype=torch.float64)
+        return Diagonal({name: v}), torch.diag(v.flatten())
+    if kind == "kfac":
+        first, second = spd(rows, g, scale**0.5), spd(cols, g, scale**0.5)
+        return KFAC({name: (first, second)}), torch.kron(first, second)
+    if kind == "kfac_eig":
+        (l0, q0), (l1, q1) = torch.linalg.eigh(spd(rows, g, 1.0)), torch.linalg.eigh(spd(cols, g, 1.0))
+        post = KFAC.from_eigen({name: [(q0, l0), (q1, l1)]}, 1 / scale, 2.0)
+        q = torch.kron(q0, q1)
+        return post, q @ torch.diag(1 / (2.0 * torch.kron(l0, l1) + 1 / scale)) @ q.t()
+    if kind == "dense":
+        c = spd(rows * cols, g, scale)
+        return Dense({name: c}, {name: shape}), c
+    d = scale * torch.rand(shape, generator=g, dtype=torch.float64)
+    u = scale**0.5 * torch.randn(2, *shape, generator=g, dtype=torch.float64) / 3
+    flat_u = u.reshape(2, -1)
+    return LowRank({name: d}, {name: u}), torch.diag(d.flatten()) + flat_u.t() @ flat_u
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac", "kfac_eig", "dense", "lowrank"])
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_weight_stored_transposed_equals_glm(kind, structure):
+    """P (Din, Dout) used as x @ P (addmm / matmul): the posterior is read in P's own layout."""
+    torch.manual_seed(10)
+    model = _Matmul().eval()
+    posterior, sigma = weight_only_posterior(kind, "weight", (4, 3), torch.Generator().manual_seed(11), 0.1)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    pred = run(model, posterior, x, structure)
+    j = jacobian(model, ["weight"], x)
+    expected = j @ sigma @ j.transpose(1, 2)
+    torch.testing.assert_close(pred.var, expected.diagonal(dim1=1, dim2=2), rtol=1e-9, atol=1e-12)
+    if structure == "full":
+        torch.testing.assert_close(pred.cov, expected, rtol=1e-9, atol=1e-12)
+
+
+class _SharedWeight(nn.Module):
+    """A weight transposed before use: only a diagonal posterior may pass through the transpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.weight.t()
+
+
+def test_structured_posterior_through_a_shape_op_is_a_clear_error():
+    posterior, _ = weight_only_posterior("kfac", "weight", (3, 4), torch.Generator().manual_seed(12), 0.1)
+    model = _SharedWeight().eval()
+    with pytest.raises(fxstream.UnsupportedOpError, match="does not accept a 'param_kfac' parameter posterior"):
+        run(model, posterior, torch.randn(2, 4, dtype=torch.float64), "diag")
+
+
+def test_mismatches_name_the_parameter():
+    model = mlp()
+    params = dict(model.named_parameters())
+    eye = torch.eye(7, dtype=torch.float64)
+    with pytest.raises(PosteriorMismatchError, match="'0.weight'.*sizes \\(7, 7\\)"):
+        KFAC({"0.weight": (eye, eye)}).validate(params)
+    with pytest.raises(PosteriorMismatchError, match="'2.weight' is in two parts"):
+        Mixed(Diagonal({"2.weight": torch.ones(4, 7)}), KFAC({"2.weight": (torch.eye(4), torch.eye(7))}))
+    with pytest.raises(PosteriorMismatchError, match="'4.bias'.*must be \\(3, 3\\)"):
+        Dense({"4.bias": torch.eye(4)}, params)
+    with pytest.raises(PosteriorMismatchError, match="non-positive"):
+        KFAC.from_eigen({"4.bias": [(torch.eye(3), torch.tensor([1.0, 0.0, -2.0]))]}, 1.0)
+    with pytest.raises(PosteriorMismatchError, match="one scalar"):
+        KFAC.from_eigen({"4.bias": [(torch.eye(3), torch.ones(3))]}, {"4.bias": torch.ones(3)})
+
+
+def test_lowrank_from_samples_is_swag():
+    """SWAG's covariance: 1/2 diag(sample variance) + 1/2 D D^T / (K - 1)."""
+    g = torch.Generator().manual_seed(13)
+    samples = {"w": torch.randn(6, 3, 2, generator=g, dtype=torch.float64),
+               "v": torch.randn(6, 4, generator=g, dtype=torch.float64)}
+    post = LowRank.from_samples(samples)
+    flat = torch.cat([samples["w"].reshape(6, -1), samples["v"]], 1)
+    deviations = flat - flat.mean(0)
+    expected = 0.5 * torch.diag(flat.var(0, unbiased=False)) + 0.5 * deviations.t() @ deviations / 5
+    cov = post.covariance("w")
+    u = cov.tensors[1].reshape(6, -1)
+    torch.testing.assert_close(torch.diag(cov.tensors[0].flatten()) + u.t() @ u, expected[:6, :6])
+    torch.testing.assert_close(post.to_diagonal().variances["v"], expected.diagonal()[6:])
