@@ -32,15 +32,14 @@ def test_variances_match_ivon_samples():
     assert sorted(posterior.parameter_names()) == sorted(n for n, _ in model.named_parameters())
     torch.manual_seed(1)
     draws = {n: [] for n, _ in model.named_parameters()}
-    for _ in range(4000):
+    for _ in range(2000):
         with optimizer.sampled_params():
             for n, p in model.named_parameters():
                 draws[n].append(p.detach().clone())
-    for name, values in draws.items():
-        empirical = torch.stack(values).var(0)
-        ratio = empirical / posterior.variances[name]
-        assert abs(ratio.mean().item() - 1) < 0.02, name
-        assert (ratio - 1).abs().max().item() < 0.2, name
+    ratio = torch.cat([(torch.stack(values).var(0) / posterior.variances[name]).flatten()
+                       for name, values in draws.items()])
+    assert abs(ratio.mean().item() - 1) < 0.015  # 51 entries of 2000 draws each: about 0.4% standard error
+    assert (ratio - 1).abs().max().item() < 0.2
 
 
 def test_predictive_matches_monte_carlo_over_ivon_samples():
@@ -49,7 +48,7 @@ def test_predictive_matches_monte_carlo_over_ivon_samples():
     torch.manual_seed(2)
     outputs = []
     with torch.no_grad():
-        for _ in range(20000):
+        for _ in range(8000):
             with optimizer.sampled_params():
                 outputs.append(model(x))
     mc_var = torch.stack(outputs).var(0)
