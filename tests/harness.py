@@ -245,7 +245,7 @@ def _random_cov(mean: torch.Tensor, scale: float, seed: int) -> torch.Tensor:
 
 
 def _sqrt_factor(cov: torch.Tensor) -> torch.Tensor:
-    """L with L L^T = cov, for a PSD (possibly singular-free diagonal) covariance."""
+    """L with L L^T = cov: the square root of a diagonal covariance, else its Cholesky factor."""
     if torch.count_nonzero(cov - torch.diag(cov.diagonal())) == 0:
         return torch.diag(cov.diagonal().sqrt())
     return torch.linalg.cholesky(cov)
@@ -266,6 +266,9 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 def check_sample(sample: Sample, structure: str, mc_samples: int = 20_000) -> None:
     """Assert that the rule of ``sample.op`` matches the oracles for ``structure``."""
     prepared = Prepared(sample)
+    if structure == "param_diag":
+        assert RULES[sample.op].param_passthrough, f"{sample.id}: the rule is not registered as a passthrough"
+        assert all(leaf.unc.role == "param" for leaf in prepared.leaves), f"{sample.id}: not parameters only"
     outs = prepared.outputs(prepared.out)
     actual = prepared.outputs(prepared.rule_call(structure))
     expected = prepared.oracle("full" if structure == "full" else "diag")
@@ -290,13 +293,15 @@ def check_sample(sample: Sample, structure: str, mc_samples: int = 20_000) -> No
 
 
 def structures_to_check(sample: Sample) -> list[str]:
-    """Activation structures, plus the parameter structure when only parameters are uncertain."""
+    """The sample's structures that the rule registers ("param_diag": a parameter passthrough).
+
+    A sample that would check nothing is an error, so it cannot count as a rule's test.
+    """
     rule = RULES[sample.op]
-    roles = {leaf.role for leaf in tree_flatten(sample.args, is_leaf=lambda x: isinstance(x, Uncertain))[0]
-             if isinstance(leaf, Uncertain)}
-    if roles == {"param"} and rule.param_passthrough and sample.structures == ("param_diag",):
-        return ["param_diag"]
-    return [s for s in sample.structures if s in rule.structures]
+    wanted = [s for s in sample.structures if s in rule.structures or s == "param_diag"]
+    if not wanted:
+        raise ValueError(f"{sample.id}: the rule supports {rule.structures}, the sample asks for {sample.structures}")
+    return wanted
 
 
 def cases(samples: Iterable[Sample]) -> list[Any]:

@@ -13,11 +13,11 @@ w, b = randn(3, 2, 3, 3, seed=2), randn(3, seed=3)
 grouped_in, grouped_w = randn(2, 4, 4, 4, seed=4), randn(4, 2, 3, 3, seed=5)
 depthwise_w = randn(4, 1, 3, 3, seed=6)
 signal, w1 = randn(2, 2, 7, seed=7), randn(3, 2, 3, seed=8)
-tiny, tiny_w = randn(1, 2, 4, 4, seed=11), randn(2, 2, 3, 3, seed=12)
+tiny, tiny_w = randn(1, 2, 3, 3, seed=11), randn(2, 2, 2, 2, seed=12)
 volume, w3 = randn(1, 2, 3, 4, 4, seed=9), randn(2, 2, 2, 3, 3, seed=10)
 
 SAMPLES = [
-    Sample(aten.conv2d.default, (act(tiny, 0.5), param(tiny_w, 0.5), param(b[:2]), [1, 1], [1, 1], [1, 1], 1),
+    Sample(aten.conv2d.default, (act(tiny, 0.5), param(tiny_w, 0.5), param(b[:2]), [1, 1], [0, 0], [1, 1], 1),
            exact=True, monte_carlo=True, name="monte-carlo"),
     Sample(aten.conv2d.default, (act(image), param(w), param(b), [1, 1], [1, 1], [1, 1], 1),
            exact=True, name="all-uncertain"),
