@@ -327,3 +327,18 @@ def test_lowrank_from_samples_is_swag():
     u = cov.tensors[1].reshape(6, -1)
     torch.testing.assert_close(torch.diag(cov.tensors[0].flatten()) + u.t() @ u, expected[:6, :6])
     torch.testing.assert_close(post.to_diagonal().variances["v"], expected.diagonal()[6:])
+
+
+@pytest.mark.inductor
+def test_structured_posteriors_through_inductor_match_eager():
+    """KFAC eigen form, joint Dense and LowRank in one Mixed posterior, compiled by Inductor."""
+    model = mlp()
+    g = torch.Generator().manual_seed(14)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    parts = [layer_posterior(kind, f"{layer}.weight", f"{layer}.bias", shapes, g, 0.01)[0]
+             for kind, layer in (("kfac_eig", "0"), ("dense_joint", "2"), ("lowrank", "4"))]
+    posterior = Mixed(*parts)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    eager = run(model, posterior, x, "full")
+    compiled = fxstream.streamline(model, posterior, activation_cov="full", backend="inductor")(x)
+    torch.testing.assert_close(compiled.cov, eager.cov, rtol=1e-7, atol=1e-12)
