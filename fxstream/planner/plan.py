@@ -221,6 +221,7 @@ class Planner:
             raise FxstreamError(f"the planner needs an fxstream posterior, got {type(posterior).__name__}")
         posterior.validate(dict(model.named_parameters()))
         self.model, self.args, self.posterior = model, args, posterior
+        self.reference_budget = reference_budget
         self.diagonal = posterior if isinstance(posterior, Diagonal) else posterior.to_diagonal()
         self.progress = progress
         self.sym: SymbolicCapture = capture_symbolic(model, args, dims)
@@ -238,7 +239,7 @@ class Planner:
         if not self.structures:
             raise FxstreamError("no layer of the posterior can be made Bayesian: " + "; ".join(
                 f"{layer}: {why}" for layer, why in self.unsupported.items()))
-        self.reference, self.reference_var = self._reference(reference_budget)
+        self.reference, self.reference_var = self._reference()
 
     def _ladder(self, params: list[str]) -> list[str]:
         kinds = [self.posterior.covariance(p).kind.removeprefix("param_") for p in params]
@@ -291,7 +292,13 @@ class Planner:
         rungs = [(layer, weight) for layer, ladder in self.ladders.items() for weight in ladder]
         for layer, weight in tqdm(rungs, desc=f"calibrate {structure}", leave=False, disable=not self.progress):
             try:
-                self.output_variance(frozenset({(layer, weight)}), structure)
+                choice = frozenset({(layer, weight)})
+                needed = self.report(choice, structure, exact=False).total_at(self.sym.example_sizes)
+                if needed > self.reference_budget:
+                    self.unsupported.setdefault(layer, f"{structure} activations need {format_bytes(needed)} on the "
+                                                       "calibration batch; give a smaller example input")
+                    continue
+                self.output_variance(choice, structure)
                 self.supported.add((layer, weight, structure))
                 usable = True
             except FxstreamError as error:
@@ -310,9 +317,9 @@ class Planner:
                 choice.append((layer, usable[-1]))
         return frozenset(choice)
 
-    def _reference(self, reference_budget: int) -> tuple[str, torch.Tensor]:
+    def _reference(self) -> tuple[str, torch.Tensor]:
         for structure in reversed(self.structures):
-            if self.report(self.richest(structure), structure).total_at(self.sym.example_sizes) <= reference_budget:
+            if self.report(self.richest(structure), structure).total_at(self.sym.example_sizes) <= self.reference_budget:
                 return structure, self.output_variance(self.richest(structure), structure)
         structure = self.structures[0]
         return structure, self.output_variance(self.richest(structure), structure)

@@ -40,9 +40,9 @@ def _cnn() -> Target:
     model = torch.nn.Sequential(
         torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
         torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(16 * 7 * 7, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10),
+        torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10),
     )
-    return Target("cnn", model, (torch.randn(4, 1, 28, 28),), {(0, 0): "batch"})
+    return Target("cnn", model, (torch.randn(4, 1, 16, 16),), {(0, 0): "batch"})
 
 
 def _tokens(vocab: int) -> tuple:
