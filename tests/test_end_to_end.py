@@ -32,13 +32,16 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 3)).to(DTYPE).eval()
 
 
-def cnn(batch_norm: bool = True) -> nn.Module:
-    """conv -> (bn) -> relu -> max pool -> conv -> (bn) -> silu -> avg pool -> linear; no branches."""
+def cnn() -> nn.Module:
+    """conv -> bn -> relu -> max pool -> conv -> bn -> silu -> avg pool -> linear; no branches.
+
+    Batch-norm statistics and affine parameters are set away from their defaults so that
+    the eval-mode normalisation actually rescales.
+    """
     torch.manual_seed(0)
-    norm = (lambda c: nn.BatchNorm2d(c)) if batch_norm else (lambda c: nn.Identity())
     model = nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1), norm(3), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(3, 4, 3, padding=1), norm(4), nn.SiLU(), nn.AvgPool2d(2),
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU(), nn.AvgPool2d(2),
         nn.Flatten(), nn.Linear(16, 3),
     ).to(DTYPE)
     for module in model.modules():
