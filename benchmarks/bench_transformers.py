@@ -132,7 +132,7 @@ def table(args) -> str:
     )
 
 
-def accuracy(samples: int) -> str:
+def accuracy(samples: int, models: list[str]) -> str:
     """Median and 90th-percentile relative variance error against Monte Carlo on the tiny test models."""
     sys.path.insert(0, str(ROOT / "tests"))
     from test_transformers import monte_carlo_variance, relative_errors, streamlined_var, tiny, weight_variances
@@ -147,7 +147,7 @@ def accuracy(samples: int) -> str:
                                            "norm": "linearised"}, True),
     ]
     rows = []
-    for name in ("gpt2", "vit", "bert", "llama"):
+    for name in models:
         model, x = tiny(name)
         for label, options, with_query_key in settings:
             variances = weight_variances(model, 1e-3, with_query_key)
@@ -172,6 +172,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--accuracy", action="store_true", help="print the Monte Carlo gap table instead")
     parser.add_argument("--samples", type=int, default=20_000)
+    parser.add_argument("--tiny-models", nargs="+", default=["gpt2", "vit", "bert", "llama"],
+                        help="tiny test models for --accuracy")
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -179,7 +181,7 @@ def main() -> None:
         name, mode, backend = json.loads(args.one)
         print(json.dumps(measure(name, mode, backend, args.batch, args.seq, args.repeats)))
         return
-    text = accuracy(args.samples) if args.accuracy else table(args)
+    text = accuracy(args.samples, args.tiny_models) if args.accuracy else table(args)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

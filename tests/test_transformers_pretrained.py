@@ -55,9 +55,12 @@ def check(model, inputs: dict, pick, samples: int, max_median: float) -> None:
     streamlined = fxstream.streamline(model, posterior, backend="eager", output=pick.key)
     predictive = streamlined(**inputs)
     with torch.no_grad():
-        assert torch.equal(predictive.mean, pick(model(**inputs)))
+        expected = pick(model(**inputs))
+    assert torch.equal(predictive.mean, expected), f"means differ by {(predictive.mean - expected).abs().max():.3g}"
     reference = monte_carlo_variance(model, inputs, posterior, pick, samples)
-    rel = ((predictive.var - reference).abs() / reference).flatten()
+    resolved = reference > 1e-8 * reference.max()  # a few outputs have (numerically) zero variance in both
+    assert (predictive.var[~resolved] <= 1e-6 * reference.max()).all()
+    rel = ((predictive.var - reference).abs() / reference)[resolved]
     median, p90 = rel.median().item(), rel.quantile(0.9).item()
     print(f"{type(model).__name__}: median {median:.3f}, p90 {p90:.3f}")
     assert median <= max_median, f"median relative variance error {median:.3f}, p90 {p90:.3f}"
@@ -81,7 +84,7 @@ def test_minilm_bert():
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
     inputs = dict(tokenizer(["a bayesian network predicts", "in one pass"], padding=True, return_tensors="pt"))
-    check(model, inputs, Output("last_hidden_state"), samples=1000, max_median=0.15)
+    check(model, inputs, Output("last_hidden_state"), samples=400, max_median=0.15)
 
 
 def test_smollm2_llama():
