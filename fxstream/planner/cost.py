@@ -17,9 +17,12 @@ reader, and the peak is the Max over program points of the live bytes.
 Tensors that exist before the call (inputs, weights, posterior buffers) are
 counted once as static bytes.
 
-FLOPs are those ``torch.utils.flop_counter`` counts (matmul, conv, attention),
-measured per node on fake tensors at a small grid of sizes and interpolated
-exactly as a polynomial in the size symbols (checked at one more point).
+What a rule allocates inside itself (its workspace, e.g. vmap/jvp tangents)
+and its FLOPs (what ``torch.utils.flop_counter`` counts: matmul, conv,
+attention) are measured per node on fake tensors at a small grid of sizes and
+interpolated exactly as polynomials in the size symbols (the tests check them
+at sizes off the grid). The liveness walk adds each node's in-node allocation
+points to the bytes of everything else alive at that node.
 """
 
 from __future__ import annotations
@@ -88,11 +91,6 @@ class CostReport:
     def total_bytes(self) -> sympy.Expr:
         """Static bytes plus the working-memory peak: what a budget must cover."""
         return self.static_bytes + self.peak_bytes
-
-    @property
-    def cov_bytes(self) -> sympy.Expr:
-        """Bytes of all covariance nodes' outputs (not all live at once)."""
-        return sympy.Add(*(n.bytes for n in self.nodes if n.role == "cov" and not n.static))
 
     @property
     def flops(self) -> sympy.Expr:

@@ -128,10 +128,6 @@ class Plan:
     def total_at(self, sizes: Mapping[str, int] | None = None) -> int:
         return self.report.total_at({**self.sizes, **(sizes or {})})
 
-    def streamline_kwargs(self) -> dict:
-        """The keyword arguments of :func:`fxstream.streamline` that apply this plan."""
-        return {"posterior": self.posterior, "activation_cov": self.activation_cov}
-
     def to_dict(self) -> dict:
         sizes = self.sizes
         return {
