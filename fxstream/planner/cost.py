@@ -11,7 +11,7 @@ structure implies for the mean it belongs to:
 
 Ops whose schema says their output aliases an input (views, ``t``, getitem)
 allocate nothing, for means and covariances alike. Peak memory is a liveness
-walk over the schedule (the graph's node order, which the eager GraphModule
+walk over a networkx view of the schedule (the graph's node order, which the eager GraphModule
 follows): a tensor is live from the node that allocates it to its last
 reader, and the peak is the Max over program points of the live bytes.
 Tensors that exist before the call (inputs, weights, posterior buffers) are
@@ -33,6 +33,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import networkx as nx
 import sympy
 import torch
 import torch.fx
@@ -236,11 +237,14 @@ def liveness_points(costs: list[NodeCost], value=lambda e: e) -> list:
     root = {}
     for cost in costs:
         root[cost.name] = root.get(cost.alias_of, cost.alias_of) if cost.alias_of else cost.name
+    dag = nx.DiGraph()
+    dag.add_nodes_from(position)
+    dag.add_edges_from((read, c.name) for c in costs for read in c.reads)
     last_use = {c.name: position[c.name] for c in costs}
-    for cost in costs:
-        for read in cost.reads:
-            owner = root.get(read, read)
-            last_use[owner] = max(last_use[owner], position[cost.name])
+    for name in dag.nodes:
+        owner = root.get(name, name)
+        readers = [position[user] for user in dag.successors(name)]
+        last_use[owner] = max([last_use[owner], *readers])
     dynamic = [(position[c.name], last_use[c.name], value(c.bytes)) for c in costs
                if not c.static and c.bytes != 0 and root[c.name] == c.name]
     points = []
