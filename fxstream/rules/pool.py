@@ -15,7 +15,38 @@ def max_pool(call: RuleCall) -> torch.Tensor:
     """Linearised at the mean: each output takes the variance of the element the mean selects."""
     if call.structure == "full":
         return linearised_full(call)
+    if _tiles(call):
+        return _tiled_max_variance(call)
     return routed_variance(call)
+
+
+def _tiles(call: RuleCall) -> bool:
+    """Whether the windows tile the input exactly: stride = kernel, no padding or dilation, sizes divisible."""
+    kernel, stride, padding, dilation = (list(call.arg(i)) for i in range(1, 5))
+    sizes = call.arg(0).shape[-len(kernel):]
+    return (stride in ([], kernel) and not any(padding) and all(d == 1 for d in dilation)
+            and all(n % k == 0 for n, k in zip(sizes, kernel)))
+
+
+def _tiled_max_variance(call: RuleCall) -> torch.Tensor:
+    """The max-pool diag rule for tiling windows, as elementwise ops on a (..., windows, k) view.
+
+    Routing through the op's JVP (a gather by the pool's indices) makes Inductor
+    emit a scalar loop with per-element index arithmetic that recomputes the
+    upstream variance: on the core benchmark's CNN it cost more than the
+    convolutions. argmax picks the first maximum, as max_pool does.
+    """
+    x, kernel = call.arg(0), list(call.arg(1))
+    spatial, lead = len(kernel), x.dim() - len(kernel)
+    shape = [*x.shape[:lead], *(v for n, k in zip(x.shape[lead:], kernel) for v in (n // k, k))]
+    order = [*range(lead), *(lead + 2 * i for i in range(spatial)), *(lead + 2 * i + 1 for i in range(spatial))]
+
+    def windows(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(shape).permute(order).flatten(-spatial)
+
+    mean = windows(x)
+    selected = mean.argmax(-1, keepdim=True) == torch.arange(mean.shape[-1], device=x.device)
+    return (windows(call.cov(0)) * selected).sum(-1)
 
 
 @register(aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default,

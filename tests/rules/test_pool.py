@@ -12,6 +12,9 @@ signal, image, volume = randn(2, 2, 7, seed=1), randn(2, 2, 5, 5, seed=2), randn
 
 SAMPLES = [
     Sample(aten.max_pool1d.default, (act(signal), [2], [2])),
+    Sample(aten.max_pool1d.default, (act(randn(2, 3, 8, seed=4)), [2], []), name="tiled"),
+    Sample(aten.max_pool2d.default, (act(randn(2, 3, 4, 6, seed=5)), [2, 3], [2, 3]), name="tiled"),
+    Sample(aten.max_pool3d.default, (act(randn(1, 2, 4, 4, 4, seed=6)), [2, 2, 2]), name="tiled"),
     Sample(aten.max_pool2d.default, (act(image), [2, 2], [2, 2], [1, 1])),
     Sample(aten.max_pool2d.default, (act(image), [3, 3], [1, 1], [0, 0], [1, 1], True), name="overlap-ceil"),
     Sample(aten.max_pool3d.default, (act(volume), [2, 2, 2], [2, 2, 2])),
