@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,11 +91,12 @@ def train(model: nn.Module, loader: torch.utils.data.DataLoader, epochs: int) ->
 
 
 def monte_carlo_probs(model: nn.Module, variances: dict[str, torch.Tensor], x: torch.Tensor, samples: int,
-                      generator: torch.Generator, chunk: int = 10, progress=None) -> torch.Tensor:
+                      generator: torch.Generator, chunk: int = 10, progress: Any = None) -> torch.Tensor:
     """Mean softmax over ``samples`` weight draws theta ~ N(theta_MAP, diag(variances)).
 
     Draws ``chunk`` weight sets at a time and runs them with vmap over
     ``torch.func.functional_call``; parameters without a variance stay at the MAP.
+    ``progress``, a tqdm bar, advances by the number of samples drawn.
     """
     params = {name: p.detach() for name, p in model.named_parameters()}
     forward = torch.func.vmap(lambda theta: torch.func.functional_call(model, theta, (x,)).softmax(-1))
