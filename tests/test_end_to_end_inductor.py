@@ -123,3 +123,23 @@ def test_backend_is_registered_by_entry_point_without_importing_fxstream() -> No
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_torch_compile_dynamic_shapes_compile_per_shape() -> None:
+    """A graph Dynamo captures with symbolic shapes is compiled per concrete shape and stays exact.
+
+    (No batch norm here: dynamic=True also makes its float arguments symbolic,
+    which capture cannot trace yet.)
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(27, 3)).eval()
+    posterior = all_variances(model)
+    compiled = torch.compile(model, backend="streamline", dynamic=True,
+                             options={"posterior": posterior, "activation_cov": "full", "backend": "inductor"})
+    reference = fxstream.streamline(model, posterior, activation_cov="full", backend="eager")
+    for batch in (2, 3):
+        x = torch.randn(batch, 1, 6, 6, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            out = compiled(x)
+        assert_same(fxstream.predictive(out), reference(x))

@@ -75,6 +75,12 @@ def _classify(node: torch.fx.Node, value) -> Placeholder:
     return Placeholder(node.name, "input", None, value)
 
 
+def _is_symbolic(value) -> bool:
+    if isinstance(value, torch.SymInt):
+        return True
+    return isinstance(value, torch.Tensor) and any(isinstance(size, torch.SymInt) for size in value.shape)
+
+
 def capture(dynamo_gm: torch.fx.GraphModule, example_inputs: list) -> CapturedGraph:
     """Re-trace a Dynamo graph to pre-dispatch ATen and classify its placeholders."""
     nodes = list(dynamo_gm.graph.find_nodes(op="placeholder"))
@@ -87,10 +93,12 @@ def capture(dynamo_gm: torch.fx.GraphModule, example_inputs: list) -> CapturedGr
     if fake_mode is None:
         raise CaptureError("the Dynamo graph carries no fake tensors; capture needs torch.compile's graph")
     interpreter = torch.fx.Interpreter(dynamo_gm)
-    # tracing_mode="fake" re-uses the inputs' fake mode, so tensors the graph
-    # creates itself (torch.arange position ids, constants) are fake in that same mode.
+    # The fake tracing modes re-use the inputs' fake mode, so tensors the graph
+    # creates itself (torch.arange position ids, constants) are fake in that same
+    # mode; "symbolic" keeps a dynamic graph's sizes as the shape env's symbols.
+    mode = "symbolic" if any(_is_symbolic(v) for v in fake_values) else "fake"
     with fx_traceback.preserve_node_meta():
-        aten_gm = make_fx(interpreter.run, pre_dispatch=True, tracing_mode="fake")(*fake_values)
+        aten_gm = make_fx(interpreter.run, pre_dispatch=True, tracing_mode=mode)(*fake_values)
     aten_gm.graph.eliminate_dead_code()
     aten_gm.recompile()
     for placeholder, node in zip(placeholders, aten_gm.graph.find_nodes(op="placeholder")):
