@@ -14,6 +14,7 @@ from .importers import from_ivon, from_laplace
 from .planner import BudgetError, Plan, plan
 from .posterior import KFAC, Dense, Diagonal, LowRank, Mixed, ParameterCovariance, Posterior
 from .predictive import Predictive
+from .select import last_blocks, select
 
 __all__ = [
     "BudgetError",
@@ -37,7 +38,9 @@ __all__ = [
     "UnsupportedOpError",
     "from_ivon",
     "from_laplace",
+    "last_blocks",
     "predictive",
+    "select",
     "streamline",
     "streamline_backend",
 ]
