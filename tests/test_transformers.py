@@ -164,9 +164,11 @@ def test_rms_norm_paper_rule_holds_the_statistic():
     x = torch.randn(2, 3, 6, dtype=DTYPE)
     input_var = 0.01 * torch.rand(2, 3, 6, dtype=DTYPE)
     predictive = fxstream.streamline(norm, input_var=input_var, activation_cov="full", backend="eager")(x)
-    scale = torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-5)
+    # LlamaRMSNorm casts to float32 for the statistic and the scaling whatever the input dtype, and the
+    # variance follows the same casts, so the match is exact to float32 rounding.
+    scale = torch.rsqrt(x.float().square().mean(-1, keepdim=True) + 1e-5).to(DTYPE)
     expected = input_var * (scale * norm.weight).square()
-    torch.testing.assert_close(predictive.var, expected, rtol=1e-10, atol=0)
+    torch.testing.assert_close(predictive.var, expected, rtol=1e-6, atol=0)
 
 
 def test_tied_lm_head_is_one_posterior_entry():
