@@ -103,6 +103,7 @@ def pair(
     data_dependent: set[torch.fx.Node] = set()
     input_names = {p.name for p in captured.inputs()}
     first_input: torch.fx.Node | None = None
+    batch: torch.fx.Node | None = None  # the input's leading size, made once for full-structure rules
 
     def buffer(tensor: torch.Tensor) -> torch.fx.Node:
         name = f"fxstream_cov_{len(root._buffers)}"
@@ -158,8 +159,12 @@ def pair(
         kwargs = map_aggregate(dict(node.kwargs), lambda a: mean[a] if isinstance(a, torch.fx.Node) else a)
         problem = _rule_problem(rule, out_structure, uncertain, kind)
         if problem is None:
+            if out_structure == "full" and batch is None and first_input is not None:
+                batch = graph.call_function(torch.ops.aten.sym_size.int, (first_input, 0))
             cov_node = graph.call_function(
-                rule.graph_target, (args, kwargs, covs, kw_covs, kinds, kw_kinds, new, out_structure, options)
+                rule.graph_target,
+                (args, kwargs, covs, kw_covs, kinds, kw_kinds, new, out_structure, options,
+                 batch if out_structure == "full" else None),
             )
             _tag(cov_node, node, rule.name)
         else:

@@ -67,9 +67,12 @@ def diag_to_full(var: torch.Tensor, batch: int) -> torch.Tensor:
 def batch_size(call: RuleCall) -> int:
     """The batch size B of a full-covariance call.
 
-    Read off an activation covariance when there is one; otherwise (only
-    parameters uncertain so far) the output's leading dimension is the batch.
+    The pair pass hands every full-structure rule the leading size of the
+    model's input (a view such as GPT-2's (B*T, D) hides it from the op's own
+    shapes); otherwise it is read off an activation covariance, or the output.
     """
+    if call.batch is not None:
+        return call.batch
     for _, _, cov, kind in call.uncertain():
         if kind == "full":
             return cov.shape[0]

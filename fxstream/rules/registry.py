@@ -54,6 +54,7 @@ class RuleCall:
     out: Any
     structure: str
     options: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_RULE_OPTIONS))
+    batch: Any = None
 
     def arg(self, index: int, default: Any = None) -> Any:
         """Positional argument ``index`` (or the keyword / schema default for it)."""
@@ -148,9 +149,9 @@ RULES: dict[OpOverload, Rule] = {}
 def _graph_target(fn: RuleFn, op: OpOverload) -> Callable[..., Any]:
     """The function the rewritten graph calls: builds the RuleCall and runs the rule."""
 
-    def target(args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure, options=None):
+    def target(args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure, options=None, batch=None):
         options = DEFAULT_RULE_OPTIONS if options is None else options
-        return fn(RuleCall(op, args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure, options))
+        return fn(RuleCall(op, args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure, options, batch))
 
     target.__name__ = target.__qualname__ = f"cov_{fn.__name__}"
     target.__module__ = fn.__module__
