@@ -20,6 +20,7 @@ from .errors import FxstreamError, NoPredictiveError, PosteriorMismatchError
 from .passes import CapturedGraph, PairedGraph, PruneReport, Source, capture, lower, pair, prune
 from .posterior import Posterior
 from .predictive import Predictive
+from .rules.linearise import full_to_diag
 from .rules import RULE_OPTIONS
 
 _PREDICTIVES: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -95,7 +96,7 @@ class Streamlined:
 
 def _predictive(mean: torch.Tensor, cov: torch.Tensor, kind: str, options: StreamlineOptions) -> Predictive:
     if kind == "full":
-        var = cov.diagonal(dim1=-2, dim2=-1).reshape(mean.shape)
+        var = full_to_diag(cov, mean.shape)
         full = cov.reshape(*mean.shape, *mean.shape[1:])
     else:
         var, full = cov, None

@@ -20,6 +20,7 @@ from torch.fx.node import map_aggregate
 
 from ..errors import CaptureError, FxstreamError
 from ..rules import DEFAULT_RULE_OPTIONS, RULES, mean_only_nodes
+from ..rules.linearise import diag_to_full, full_to_diag
 from .capture import CapturedGraph, module_path
 
 ROLE = "fxstream"
@@ -54,10 +55,10 @@ def input_covariance(x: torch.Tensor, buffer: torch.Tensor, given: str, structur
     batch = x.shape[0]
     if given == "diag":
         var = buffer.expand_as(x)
-        return var if structure == "diag" else torch.diag_embed(var.reshape(batch, -1))
+        return var if structure == "diag" else diag_to_full(var, batch)
     n = x[0].numel()
     cov = buffer.reshape(-1, n, n).expand(batch, n, n)
-    return cov.diagonal(dim1=-2, dim2=-1).reshape(x.shape) if structure == "diag" else cov
+    return full_to_diag(cov, x.shape) if structure == "diag" else cov
 
 
 def unsupported(*args, **kwargs):

@@ -49,11 +49,6 @@ def factor_to_full(factor: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.einsum("rbn,rbm->bnm", flat, flat)
 
 
-def factor_to_diag(factor: torch.Tensor) -> torch.Tensor:
-    """Variances sum_r f_r^2 from a factor (R, *out)."""
-    return factor.square().sum(0)
-
-
 def full_to_diag(cov: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The per-element variances of a full covariance, in the mean's shape."""
     return cov.diagonal(dim1=-2, dim2=-1).reshape(shape)
