@@ -36,6 +36,8 @@ def elementwise(call: RuleCall) -> torch.Tensor:
     if call.structure == "full":
         return linearised_full(call)
     x = call.arg(0)
+    if call.op is aten.relu.default:  # slope 1 where x > 0, else 0: autograd's fused mask op
+        return aten.threshold_backward.default(call.cov(0), x, 0)
     slope = derivative(lambda h: call.call_with({arg_path(0): h}), x)
     return call.cov(0) * slope.square()
 

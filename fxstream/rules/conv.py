@@ -24,6 +24,7 @@ from .weights import (
     WEIGHT_STRUCTURES,
     bias_covariance,
     bias_variance,
+    plus,
     weight_diag,
     weight_full,
 )
@@ -43,26 +44,28 @@ def conv(call: RuleCall) -> torch.Tensor:
         raise ValueError(f"{call.op}: a posterior over kernel and bias jointly needs both in the same conv call")
     if call.structure == "full":
         return _conv_full(call, x, vx, w, weight, bias, geometry)
-    var = x.new_zeros(())
-    if vx is not None:
-        var = var + call.op(vx, w.square(), None, *geometry)
-    if weight is not None:
-        var = var + _weight_diag(call, x, vx, weight, geometry)
     var_b = None if bias is None else bias_variance(*bias)
-    if var_b is not None:
-        var = var + var_b.reshape((-1,) + (1,) * (x.dim() - 2))
+    var = None
+    if vx is not None:  # the bias variance rides along as the conv's own bias
+        var = call.op(vx, w.square(), var_b, *geometry)
+        var_b = None
+    if weight is not None:
+        var = plus(var, _weight_diag(call, x, vx, weight, var_b, geometry))
+    elif var_b is not None:
+        var = var_b.reshape((-1,) + (1,) * (x.dim() - 2))
     return torch.broadcast_to(var, call.out.shape)
 
 
-def _weight_diag(call: RuleCall, x, vx, weight, geometry) -> torch.Tensor:
+def _weight_diag(call: RuleCall, x, vx, weight, var_b, geometry) -> torch.Tensor:
+    """The weight term plus the bias variances ``var_b`` (None: none), per output element."""
     kind, tensors = weight
     if kind == "param_diag":
         second = x.square() if vx is None else x.square() + vx
-        return call.op(second, tensors[0], None, *geometry)
+        return call.op(second, tensors[0], var_b, *geometry)
     u = _patches(call, x, geometry)
     vu = None if vx is None else _patches(call, vx, geometry)
     rows = weight_diag(kind, _ungrouped(kind, tensors, geometry[3]), u.transpose(1, 2),
-                       None if vu is None else vu.transpose(1, 2))
+                       None if vu is None else vu.transpose(1, 2), var_b)
     return rows.transpose(1, 2).reshape(call.out.shape)
 
 

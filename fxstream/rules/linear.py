@@ -24,6 +24,8 @@ from .weights import (
     as_tensors,
     bias_covariance,
     bias_variance,
+    matmul_into,
+    plus,
     transposed,
     weight_diag,
     weight_full,
@@ -44,13 +46,14 @@ def contraction_variance(mx, vx, my, vy) -> torch.Tensor:
     return total
 
 
-def affine_diag(x: torch.Tensor, vx: torch.Tensor | None, w: torch.Tensor, weight: Param) -> torch.Tensor:
-    """Variances of x @ w^T: input term s @ (M^2)^T plus the weight posterior's term."""
-    var = x.new_zeros(())
-    if vx is not None:
-        var = var + vx @ w.square().t()
+def affine_diag(x: torch.Tensor, vx: torch.Tensor | None, w: torch.Tensor, weight: Param,
+                into: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``into`` plus the variances of x @ w^T: input term s @ (M^2)^T plus the weight posterior's term."""
+    var = into
     if weight is not None:
-        var = var + weight_diag(*weight, x, vx)
+        var = weight_diag(*weight, x, vx, var)
+    if vx is not None:
+        var = matmul_into(var, vx, w.square().t())
     return var
 
 
@@ -113,9 +116,15 @@ def affine(call: RuleCall, x, w, weight: Param, bias: Param, alpha: float = 1.0,
             rows = x.numel() // (batch * x.shape[-1])
             cov = cov + bias_full(beta**2 * cov_b, rows, batch)
         return cov
-    var = alpha**2 * affine_diag(x, vx, w, weight)
     var_b = None if bias is None else bias_variance(*bias)
-    return torch.broadcast_to(var if var_b is None else var + beta**2 * var_b, call.out.shape)
+    if var_b is not None and beta != 1:
+        var_b = beta**2 * var_b
+    if alpha == 1:
+        var = affine_diag(x, vx, w, weight, into=var_b)
+    else:
+        body = affine_diag(x, vx, w, weight)
+        var = var_b if body is None else plus(var_b, alpha**2 * body)
+    return torch.broadcast_to(var, call.out.shape)
 
 
 @register(aten.linear.default, param_kinds=PARAM_KINDS)

@@ -17,7 +17,8 @@ def batch_norm(call: RuleCall) -> torch.Tensor:
     """Eval-mode batch norm y = gamma * (x - mu_r) / sqrt(var_r + eps) + beta, an affine map per channel.
 
     var_y = gamma^2 v_xhat + v_gamma (xhat^2 + v_xhat) + v_beta, where xhat is the
-    normalised input and v_xhat = v_x / (var_r + eps).
+    normalised input and v_xhat = v_x / (var_r + eps), evaluated as
+    v_x (gamma^2 + v_gamma) / (var_r + eps) + (x - mu_r)^2 v_gamma / (var_r + eps) + v_beta.
     """
     x, gamma, _, running_mean, running_var, training = (call.arg(i) for i in range(6))
     eps = call.arg(7)
@@ -33,14 +34,19 @@ def batch_norm(call: RuleCall) -> torch.Tensor:
             cov = cov + noise_product_full(normalised_cov, gamma, call.cov(1),
                                            lambda g: g.reshape(channel).expand_as(x))
         return cov
-    xhat = (x - running_mean.reshape(channel)) * inv_std
-    v_xhat = 0 if call.cov(0) is None else call.cov(0) * inv_std.square()
-    weight = 1.0 if gamma is None else gamma.reshape(channel)
-    var = v_xhat * (weight.square() if isinstance(weight, torch.Tensor) else weight)
-    if call.cov(1) is not None:
-        var = var + call.cov(1).reshape(channel) * (xhat.square() + v_xhat)
+    # Channel-sized factors first, so each term is one pass over the activation.
+    inv_var = inv_std.square()
+    v_gamma = None if call.cov(1) is None else call.cov(1).reshape(channel)
+    gain = 1.0 if gamma is None else gamma.reshape(channel).square()
+    if v_gamma is not None:
+        gain = gain + v_gamma
+    var = None if call.cov(0) is None else call.cov(0) * (inv_var * gain)
+    if v_gamma is not None:
+        centred = (x - running_mean.reshape(channel)).square()
+        scale = v_gamma * inv_var
+        var = centred * scale if var is None else torch.addcmul(var, centred, scale)
     if call.cov(2) is not None:
-        var = var + call.cov(2).reshape(channel)
+        var = call.cov(2).reshape(channel) if var is None else var + call.cov(2).reshape(channel)
     return torch.broadcast_to(var, call.out.shape)
 
 

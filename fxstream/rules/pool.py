@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .linearise import linearised_full, routed_variance
@@ -15,38 +17,55 @@ def max_pool(call: RuleCall) -> torch.Tensor:
     """Linearised at the mean: each output takes the variance of the element the mean selects."""
     if call.structure == "full":
         return linearised_full(call)
-    if _tiles(call):
-        return _tiled_max_variance(call)
-    return routed_variance(call)
+    return _selected_variance(call)
 
 
-def _tiles(call: RuleCall) -> bool:
-    """Whether the windows tile the input exactly: stride = kernel, no padding or dilation, sizes divisible."""
-    kernel, stride, padding, dilation = (list(call.arg(i)) for i in range(1, 5))
-    sizes = call.arg(0).shape[-len(kernel):]
-    return (stride in ([], kernel) and not any(padding) and all(d == 1 for d in dilation)
-            and all(n % k == 0 for n, k in zip(sizes, kernel)))
+def _selected_variance(call: RuleCall) -> torch.Tensor:
+    """The max-pool diag rule as a select over the k window offsets, elementwise.
 
-
-def _tiled_max_variance(call: RuleCall) -> torch.Tensor:
-    """The max-pool diag rule for tiling windows, as elementwise ops on a (..., windows, k) view.
-
-    Routing through the op's JVP (a gather by the pool's indices) makes Inductor
-    emit a scalar loop with per-element index arithmetic that recomputes the
-    upstream variance: on the core benchmark's CNN it cost more than the
-    convolutions. argmax picks the first maximum, as max_pool does.
+    Offset i of every window is one strided slice of the (padded) input, so the
+    rule is a running maximum with k - 1 compare-and-select steps on
+    output-sized views: no index tensors, no copies in eager, and one fused loop
+    in Inductor (a gather by the pool's indices made Inductor recompute the
+    upstream variance per element). It never compares with the pooled mean, so
+    it cannot disagree with a differently fused max. A strict comparison keeps
+    the first maximum, as max_pool does.
     """
-    x, kernel = call.arg(0), list(call.arg(1))
-    spatial, lead = len(kernel), x.dim() - len(kernel)
-    shape = [*x.shape[:lead], *(v for n, k in zip(x.shape[lead:], kernel) for v in (n // k, k))]
-    order = [*range(lead), *(lead + 2 * i for i in range(spatial)), *(lead + 2 * i + 1 for i in range(spatial))]
+    x, var, out = call.arg(0), call.cov(0), call.out
+    kernel = list(call.arg(1))
+    spatial = len(kernel)
+    stride = _per_dim(call.arg(2), spatial) or kernel
+    padding, dilation = _per_dim(call.arg(3), spatial), _per_dim(call.arg(4), spatial)
+    sizes = out.shape[-spatial:]
+    pads = []
+    for n, k, s, p, d, o in zip(x.shape[-spatial:], kernel, stride, padding, dilation, sizes):
+        needed = (o - 1) * s + (k - 1) * d + 1
+        pads.append((p, max(0, needed - n - p)))
+    if any(before or after for before, after in pads):
+        flat_pads = [amount for pair in reversed(pads) for amount in pair]
+        x = torch.nn.functional.pad(x, flat_pads, value=float("-inf"))
+        var = torch.nn.functional.pad(var, flat_pads, value=0.0)
 
-    def windows(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(shape).permute(order).flatten(-spatial)
+    def window_offset(t: torch.Tensor, offset: tuple[int, ...]) -> torch.Tensor:
+        index = [slice(None)] * (t.dim() - spatial)
+        index += [slice(i * d, i * d + (o - 1) * s + 1, s) for i, d, o, s in zip(offset, dilation, sizes, stride)]
+        return t[tuple(index)]
 
-    mean = windows(x)
-    selected = mean.argmax(-1, keepdim=True) == torch.arange(mean.shape[-1], device=x.device)
-    return (windows(call.cov(0)) * selected).sum(-1)
+    offsets = itertools.product(*(range(k) for k in kernel))
+    first = next(offsets)
+    best, selected = window_offset(x, first), window_offset(var, first)
+    for offset in offsets:
+        candidate = window_offset(x, offset)
+        wins = candidate > best
+        best = torch.maximum(candidate, best)
+        selected = torch.where(wins, window_offset(var, offset), selected)
+    return selected
+
+
+def _per_dim(value, spatial: int) -> list[int]:
+    """A pooling size argument as one int per spatial dim ([] stays [])."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    return values * spatial if len(values) == 1 else values
 
 
 @register(aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default,

@@ -55,12 +55,35 @@ def _embed_rows(per_output: torch.Tensor) -> torch.Tensor:
     return torch.diag_embed(per_output).permute(0, 1, 3, 2, 4)
 
 
+def plus(into: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    """into + term, where None stands for nothing yet."""
+    return term if into is None else into + term
+
+
+def matmul_into(into: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """into + a @ b for a (..., K) and b (K, N), the sum done inside the GEMM (addmm) where it can be.
+
+    Summing variance terms as separate ops costs a full pass over the output
+    each; addmm accumulates into ``into`` at no extra cost.
+    """
+    if into is None:
+        return a @ b
+    if b.dim() != 2 or a.dim() < 2 or into.dim() > a.dim():
+        return into + a @ b
+    lead = a.shape[:-1]
+    if into.dim() > 1:
+        if into.shape != (*lead, b.shape[1]):
+            return into + a @ b
+        into = into.reshape(-1, b.shape[1])
+    return torch.addmm(into, a.reshape(-1, a.shape[-1]), b).reshape(*lead, b.shape[1])
+
+
 # --- param_diag -------------------------------------------------------------
 
-def _diag_diag(tensors: Tensors, x, vx):
+def _diag_diag(tensors: Tensors, x, vx, into=None):
     v = _matrix(tensors[0], tensors[0].shape[0])
     second = x.square() if vx is None else x.square() + vx
-    return second @ v.t()
+    return matmul_into(into, second, v.t())
 
 
 def _diag_full(tensors: Tensors, x, s):
@@ -78,12 +101,12 @@ def _diag_transpose(tensors: Tensors) -> Tensors:
 
 # --- param_kfac: B (x) A ------------------------------------------------------
 
-def _kfac_diag(tensors: Tensors, x, vx):
+def _kfac_diag(tensors: Tensors, x, vx, into=None):
     out_factor, in_factor = tensors
     scale = ((x @ in_factor) * x).sum(-1)
     if vx is not None:
         scale = scale + vx @ in_factor.diagonal()
-    return scale[..., None] * out_factor.diagonal()
+    return plus(into, scale[..., None] * out_factor.diagonal())
 
 
 def _kfac_full(tensors: Tensors, x, s):
@@ -115,10 +138,10 @@ def _rotate_input(q_in: torch.Tensor, x, cov, full: bool):
     return z, cov @ q_in.square()
 
 
-def _eig_diag(tensors: Tensors, x, vx):
+def _eig_diag(tensors: Tensors, x, vx, into=None):
     q_out, q_in, v_rot = tensors
     z, vz = _rotate_input(q_in, x, vx, full=False)
-    return _diag_diag((v_rot,), z, vz) @ q_out.square().t()
+    return matmul_into(into, _diag_diag((v_rot,), z, vz), q_out.square().t())
 
 
 def _eig_full(tensors: Tensors, x, s):
@@ -140,12 +163,12 @@ def _eig_transpose(tensors: Tensors) -> Tensors:
 
 # --- param_dense: C (Dout, Din, Dout, Din) ------------------------------------
 
-def _dense_diag(tensors: Tensors, x, vx):
+def _dense_diag(tensors: Tensors, x, vx, into=None):
     c = tensors[0]
     own = c.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (Dout, Din, Din): Cov(W_ki, W_kj)
-    var = torch.einsum("...i,kij,...j->...k", x, own, x)
+    var = plus(into, torch.einsum("...i,kij,...j->...k", x, own, x))
     if vx is not None:
-        var = var + vx @ own.diagonal(dim1=1, dim2=2).t()
+        var = matmul_into(var, vx, own.diagonal(dim1=1, dim2=2).t())
     return var
 
 
@@ -169,14 +192,14 @@ def _dense_transpose(tensors: Tensors) -> Tensors:
 
 # --- param_lowrank: diag(d) + U U^T -------------------------------------------
 
-def _lowrank_diag(tensors: Tensors, x, vx):
+def _lowrank_diag(tensors: Tensors, x, vx, into=None):
     d, u = tensors
     d_out = d.shape[0]
     factors = u.reshape(u.shape[0], d_out, -1)
     projected = torch.einsum("...i,rki->r...k", x, factors)
-    var = _diag_diag((d,), x, vx) + projected.square().sum(0)
+    var = _diag_diag((d,), x, vx, plus(into, projected.square().sum(0)))
     if vx is not None:
-        var = var + vx @ factors.square().sum(0).t()
+        var = matmul_into(var, vx, factors.square().sum(0).t())
     return var
 
 
@@ -204,7 +227,8 @@ def _lowrank_transpose(tensors: Tensors) -> Tensors:
 class WeightStructure:
     """How one posterior kind enters a linear map.
 
-    ``diag(tensors, x, vx)`` -> output variances (..., Dout); ``full(tensors,
+    ``diag(tensors, x, vx, into)`` -> ``into`` (None: nothing) plus the output
+    variances (..., Dout); ``full(tensors,
     x, s)`` -> (B, L, Dout, L, Dout); ``marginal(tensors)`` -> the exact
     variance of each weight entry; ``transpose(tensors)`` -> the tensors of
     the transposed (Din, Dout) parameter, for ``x @ P`` with P stored that way
@@ -249,12 +273,13 @@ def _augment(x: torch.Tensor, cov: torch.Tensor | None, full: bool):
     return x, torch.nn.functional.pad(cov, pad)
 
 
-def weight_diag(kind: str, tensors: Tensors, x: torch.Tensor, vx: torch.Tensor | None) -> torch.Tensor:
-    """Variances (..., Dout) that the weight's uncertainty adds to x @ W^T."""
+def weight_diag(kind: str, tensors: Tensors, x: torch.Tensor, vx: torch.Tensor | None,
+                into: torch.Tensor | None = None) -> torch.Tensor:
+    """``into`` plus the variances (..., Dout) that the weight's uncertainty adds to x @ W^T."""
     structure = _structure(kind)
     if structure.affine:
         x, vx = _augment(x, vx, full=False)
-    return structure.diag(tensors, x, vx)
+    return structure.diag(tensors, x, vx, into)
 
 
 def weight_full(kind: str, tensors: Tensors, x: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:

@@ -17,6 +17,8 @@ SAMPLES = [
     Sample(aten.max_pool3d.default, (act(randn(1, 2, 4, 4, 4, seed=6)), [2, 2, 2]), name="tiled"),
     Sample(aten.max_pool2d.default, (act(image), [2, 2], [2, 2], [1, 1])),
     Sample(aten.max_pool2d.default, (act(image), [3, 3], [1, 1], [0, 0], [1, 1], True), name="overlap-ceil"),
+    Sample(aten.max_pool2d.default, (act(randn(2, 2, 7, 6, seed=7)), [2, 3], [2, 1], [1, 1], [2, 1], True),
+           name="dilated-padded-ceil"),
     Sample(aten.max_pool3d.default, (act(volume), [2, 2, 2], [2, 2, 2])),
     Sample(aten.avg_pool1d.default, (act(signal), [3], [2], [1], False, False), name="exclude-pad"),
     Sample(aten.avg_pool2d.default, (act(image), [2, 2], [2, 2])),
