@@ -17,9 +17,9 @@ reader, and the peak is the Max over program points of the live bytes.
 Tensors that exist before the call (inputs, weights, posterior buffers) are
 counted once as static bytes.
 
-What a rule allocates inside itself (its workspace, e.g. vmap/jvp tangents)
-and its FLOPs (what ``torch.utils.flop_counter`` counts: matmul, conv,
-attention) are measured per node on fake tensors at a small grid of sizes and
+What a node allocates inside itself (its workspace: a rule's vmap/jvp
+tangents, a kernel's scratch) and its FLOPs (what ``torch.utils.flop_counter``
+counts: matmul, conv, attention) are measured per node at a small grid of sizes and
 interpolated exactly as polynomials in the size symbols (the tests check them
 at sizes off the grid). The liveness walk adds each node's in-node allocation
 points to the bytes of everything else alive at that node.
@@ -27,6 +27,7 @@ points to the bytes of everything else alive at that node.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import operator
 import re
@@ -37,7 +38,6 @@ import networkx as nx
 import sympy
 import torch
 import torch.fx
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..passes.pair import ROLE, PairedGraph, input_covariance
@@ -277,55 +277,66 @@ def _dominates(big: sympy.Expr, small: sympy.Expr) -> bool:
     return all(c >= 0 for c in difference.coeffs())
 
 
-class _Profile(torch.fx.Interpreter):
-    """Runs a graph on fake tensors, recording per node its FLOPs and the bytes it holds at each allocation."""
+NODE_MARK = "fxstream-node:"
 
-    def __init__(self, gm: torch.fx.GraphModule, mode: FakeTensorMode | None, tracker: LiveBytes) -> None:
+
+class _Profile(torch.fx.Interpreter):
+    """Runs a graph, recording per node its FLOPs and the bytes it holds at each allocation."""
+
+    def __init__(self, gm: torch.fx.GraphModule, tracker: LiveBytes) -> None:
         super().__init__(gm)
-        self.mode = mode
         self.tracker = tracker
         self.flops: dict[str, int] = {}
         self.points: dict[str, list[int]] = {}
 
-    def get_attr(self, target, args, kwargs):
-        value = super().get_attr(target, args, kwargs)
-        return self.mode.from_tensor(value) if self.mode is not None else value
-
     def run_node(self, n: torch.fx.Node):
         start = self.tracker.live
         self.tracker.reset_points()
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter, torch.profiler.record_function(NODE_MARK + n.name):
             result = super().run_node(n)
         self.flops[n.name] = counter.get_total_flops()
         self.points[n.name] = [p - start for p in self.tracker.points]
         return result
 
+    def add_scratch(self, prof: torch.profiler.profile) -> None:
+        """Add each node's allocator-level peak (kernel scratch included) to its allocation points.
+
+        Kernels allocate and free scratch that no op returns, which only the
+        allocator's events show: oneDNN's convolution reorders its output from a
+        blocked layout, holding as much again as the output while it runs.
+        """
+        events = list(prof.profiler.kineto_results.events())
+        memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+        times = [t for t, _ in memory]
+        running = list(itertools.accumulate(nbytes for _, nbytes in memory))
+        for event in events:
+            if not event.name().startswith(NODE_MARK):
+                continue
+            first = bisect.bisect_left(times, event.start_ns())
+            last = bisect.bisect_right(times, event.start_ns() + event.duration_ns())
+            if first < last:
+                base = running[first - 1] if first else 0
+                name = event.name()[len(NODE_MARK):]
+                self.points[name].append(max(running[first:last]) - base)
+
 
 def profile(sym: SymbolicCapture, paired: PairedGraph, sizes: Sizes) -> _Profile:
-    """FLOPs and in-node allocation points of every node at concrete sizes.
+    """FLOPs and in-node allocation points of every node at concrete (small, grid) sizes.
 
-    Runs on fake tensors (nothing allocated); a rule that cannot run on fake
-    tensors makes it fall back to real ones, which is cheap at the grid's
-    small sizes.
+    Runs on real tensors: the tensors ops return are tracked by
+    :class:`LiveBytes`, and the allocator's own events (torch.profiler) add the
+    scratch memory kernels take and give back inside a node.
     """
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-
     def make(placeholder, shape):
-        if torch.is_floating_point(placeholder.tensor):
-            return torch.randn(shape, dtype=placeholder.tensor.dtype)
-        return torch.zeros(shape, dtype=placeholder.tensor.dtype)
+        like = {"dtype": placeholder.tensor.dtype, "device": placeholder.tensor.device}
+        return torch.randn(shape, **like) if torch.is_floating_point(placeholder.tensor) else torch.zeros(shape, **like)
 
-    try:
-        with mode:
-            inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
-                      for x in sym.graph_inputs(sizes, make)]
-            with torch.no_grad(), LiveBytes() as tracker:
-                prop = _Profile(paired.graph_module, mode, tracker)
-                prop.run(*inputs)
-    except (RuntimeError, TypeError, ValueError):
-        with torch.no_grad(), LiveBytes() as tracker:
-            prop = _Profile(paired.graph_module, None, tracker)
-            prop.run(*sym.graph_inputs(sizes, make))
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.no_grad(), LiveBytes() as tracker, torch.profiler.profile(activities=activities,
+                                                                          profile_memory=True) as prof:
+        prop = _Profile(paired.graph_module, tracker)
+        prop.run(*sym.graph_inputs(sizes, make))
+    prop.add_scratch(prof)
     return prop
 
 
