@@ -90,17 +90,20 @@ class Streamlined:
         means = outputs[: self.paired.num_outputs]
         covs = outputs[self.paired.num_outputs:]
         for index, cov, kind in zip(self.paired.cov_outputs, covs, self.paired.cov_kinds):
-            _PREDICTIVES[means[index]] = _predictive(means[index], cov, kind, self.options)
+            _PREDICTIVES[means[index]] = _moments(means[index], cov, kind, self.options)
         return means
 
 
-def _predictive(mean: torch.Tensor, cov: torch.Tensor, kind: str, options: StreamlineOptions) -> Predictive:
+def _moments(mean: torch.Tensor, cov: torch.Tensor, kind: str, options: StreamlineOptions) -> tuple:
+    """What a Predictive holds besides the mean: (var, cov, likelihood, sigma_noise).
+
+    The table of outputs keeps this rather than the Predictive itself: a value
+    that referenced its weak key (the mean) would keep both alive for ever.
+    """
     if kind == "full":
-        var = full_to_diag(cov, mean.shape)
-        full = cov.reshape(*mean.shape, *mean.shape[1:])
-    else:
-        var, full = cov, None
-    return Predictive(mean, var, full, options.likelihood, options.sigma_noise)
+        return full_to_diag(cov, mean.shape), cov.reshape(*mean.shape, *mean.shape[1:]), \
+            options.likelihood, options.sigma_noise
+    return cov, None, options.likelihood, options.sigma_noise
 
 
 def predictive(output: torch.Tensor) -> Predictive:
@@ -113,7 +116,7 @@ def predictive(output: torch.Tensor) -> Predictive:
             "tensor computed from it. If the model has a graph break, its outputs come from a graph "
             "without uncertainty: compile with fullgraph=True to find the break"
         )
-    return found
+    return Predictive(output, *found)
 
 
 def _parameter_names(captured: CapturedGraph, model: torch.nn.Module | None) -> dict[str, str]:

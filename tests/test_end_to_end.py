@@ -243,3 +243,18 @@ def test_approximation_gap_regression_guard(name: str, structure: str) -> None:
     gap = relative_gap(name, scale, structure).median().item()
     print(f"{name} {structure}: median relative gap to Monte Carlo {gap:.2%} (bound {GAP_BOUNDS[name, structure]:.0%})")
     assert gap < GAP_BOUNDS[name, structure]
+
+
+def test_outputs_are_freed_after_the_caller_drops_them() -> None:
+    """The table behind fxstream.predictive must not keep every call's mean and variance alive."""
+    import gc
+    import weakref
+
+    model = mlp()
+    posterior = fxstream.Diagonal({n: torch.full_like(p, 1e-3) for n, p in model.named_parameters()})
+    streamlined = fxstream.streamline(model, posterior, backend="eager")
+    out = streamlined(torch.randn(5, 4, dtype=DTYPE))
+    refs = [weakref.ref(out.mean), weakref.ref(out.var)]
+    del out
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
