@@ -95,7 +95,6 @@ def test_predicted_peak_within_15_percent_of_allocator_peak(make, shape, structu
         measured = profiler_peak(paired.graph_module, *inputs)
         predicted = report.peak_at({"batch": batch})
         assert abs(predicted - measured) <= 0.15 * measured, (batch, predicted, measured)
-        assert measure_peak(paired.graph_module, *inputs) <= predicted  # returned tensors only, no kernel scratch
         assert predicted == int(report.peak_bytes.subs(report.symbols["batch"], batch))
 
 

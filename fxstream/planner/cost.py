@@ -18,11 +18,13 @@ Tensors that exist before the call (inputs, weights, posterior buffers) are
 counted once as static bytes.
 
 What a node allocates inside itself (its workspace: a rule's vmap/jvp
-tangents, a kernel's scratch) and its FLOPs (what ``torch.utils.flop_counter``
-counts: matmul, conv, attention) are measured per node at a small grid of sizes and
-interpolated exactly as polynomials in the size symbols (the tests check them
-at sizes off the grid). The liveness walk adds each node's in-node allocation
-points to the bytes of everything else alive at that node.
+tangents, a kernel's scratch) is its in-node peak as the allocator reports it
+(torch.profiler memory events), and its FLOPs are what
+``torch.utils.flop_counter`` counts (matmul, conv, attention); both are measured
+per node at a small grid of sizes and interpolated exactly as polynomials in
+the size symbols (the tests check them at sizes off the grid). The liveness
+walk adds each node's in-node peak to the bytes of everything else alive at
+that node.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ import torch.fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..passes.pair import ROLE, PairedGraph, input_covariance
-from .measure import LiveBytes
 from .symbolic import SymbolicCapture
 
 Sizes = Mapping[str, int]
@@ -281,29 +282,26 @@ NODE_MARK = "fxstream-node:"
 
 
 class _Profile(torch.fx.Interpreter):
-    """Runs a graph, recording per node its FLOPs and the bytes it holds at each allocation."""
+    """Runs a graph, recording per node its FLOPs and the peak bytes the allocator gives it."""
 
-    def __init__(self, gm: torch.fx.GraphModule, tracker: LiveBytes) -> None:
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
         super().__init__(gm)
-        self.tracker = tracker
         self.flops: dict[str, int] = {}
         self.points: dict[str, list[int]] = {}
 
     def run_node(self, n: torch.fx.Node):
-        start = self.tracker.live
-        self.tracker.reset_points()
         with FlopCounterMode(display=False) as counter, torch.profiler.record_function(NODE_MARK + n.name):
             result = super().run_node(n)
         self.flops[n.name] = counter.get_total_flops()
-        self.points[n.name] = [p - start for p in self.tracker.points]
         return result
 
-    def add_scratch(self, prof: torch.profiler.profile) -> None:
-        """Add each node's allocator-level peak (kernel scratch included) to its allocation points.
+    def read_allocations(self, prof: torch.profiler.profile) -> None:
+        """Each node's in-node peak: the most bytes allocated at once inside its range, over what came before.
 
-        Kernels allocate and free scratch that no op returns, which only the
-        allocator's events show: oneDNN's convolution reorders its output from a
-        blocked layout, holding as much again as the output while it runs.
+        The allocator's events see what tensors alone do not: scratch that kernels
+        take and give back (oneDNN's convolution reorders its output from a
+        blocked layout, holding as much again), and the exact moment forward-mode
+        AD frees its duals.
         """
         events = list(prof.profiler.kineto_results.events())
         memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
@@ -316,27 +314,29 @@ class _Profile(torch.fx.Interpreter):
             last = bisect.bisect_right(times, event.start_ns() + event.duration_ns())
             if first < last:
                 base = running[first - 1] if first else 0
-                name = event.name()[len(NODE_MARK):]
-                self.points[name].append(max(running[first:last]) - base)
+                self.points[event.name()[len(NODE_MARK):]] = [max(running[first:last]) - base]
 
 
 def profile(sym: SymbolicCapture, paired: PairedGraph, sizes: Sizes) -> _Profile:
-    """FLOPs and in-node allocation points of every node at concrete (small, grid) sizes.
+    """FLOPs and in-node peak bytes of every node at concrete (small, grid) sizes.
 
-    Runs on real tensors: the tensors ops return are tracked by
-    :class:`LiveBytes`, and the allocator's own events (torch.profiler) add the
-    scratch memory kernels take and give back inside a node.
+    Runs on real tensors under torch.profiler with memory events, each node in
+    its own ``record_function`` range, after one call outside the profiler, so
+    that one-time allocations (cuBLAS's workspace on a GPU) do not count as a
+    node's working memory at one grid point and not at the next.
     """
     def make(placeholder, shape):
         like = {"dtype": placeholder.tensor.dtype, "device": placeholder.tensor.device}
         return torch.randn(shape, **like) if torch.is_floating_point(placeholder.tensor) else torch.zeros(shape, **like)
 
+    inputs = sym.graph_inputs(sizes, make)
+    with torch.no_grad():
+        paired.graph_module(*inputs)  # once untimed: libraries allocate their workspaces on first use
     activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.no_grad(), LiveBytes() as tracker, torch.profiler.profile(activities=activities,
-                                                                          profile_memory=True) as prof:
-        prop = _Profile(paired.graph_module, tracker)
-        prop.run(*sym.graph_inputs(sizes, make))
-    prop.add_scratch(prof)
+    with torch.no_grad(), torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        prop = _Profile(paired.graph_module)
+        prop.run(*inputs)
+    prop.read_allocations(prof)
     return prop
 
 

@@ -27,7 +27,7 @@ class LiveBytes(TorchDispatchMode):
 
     A storage counts until its last owner (a tensor, or a vmap/jvp wrapper
     holding it in C++) lets it go, which a weak reference to the storage
-    itself sees; frees are picked up at the next op. ``points`` records
+    itself sees; frees are picked up before and after every op. ``points`` records
     ``live`` after every op that allocated (the program points of the
     liveness walk).
     """
@@ -50,6 +50,8 @@ class LiveBytes(TorchDispatchMode):
                 del self._storages[key]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # Storages freed since the last op are gone before this op allocates, as in the allocator.
+        self.sweep()
         before = {_storage_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         out = func(*args, **(kwargs or {}))
         self.sweep()
