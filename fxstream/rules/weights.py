@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .registry import VARIANCE_MATMUL_DTYPE
+
 Tensors = tuple[torch.Tensor, ...]
 
 
@@ -64,8 +66,13 @@ def matmul_into(into: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> 
     """into + a @ b for a (..., K) and b (K, N), the sum done inside the GEMM (addmm) where it can be.
 
     Summing variance terms as separate ops costs a full pass over the output
-    each; addmm accumulates into ``into`` at no extra cost.
+    each; addmm accumulates into ``into`` at no extra cost. Under the
+    ``variance_matmul="bfloat16"`` option the product runs on bfloat16 operands.
     """
+    reduced = VARIANCE_MATMUL_DTYPE.get()
+    if reduced is not None and a.dtype != reduced:
+        product = (a.to(reduced) @ b.to(reduced)).to(a.dtype)
+        return plus(into, product)
     if into is None:
         return a @ b
     if b.dim() != 2 or a.dim() < 2 or into.dim() > a.dim():

@@ -39,3 +39,25 @@ def test_rule(sample: Sample, structure: str) -> None:
 def test_full_covariance_of_two_activations_is_rejected() -> None:
     with pytest.raises(ValueError, match="not supported"):
         check_sample(Sample(aten.bmm.default, (act(tokens), act(y))), "full")
+
+
+def test_bfloat16_variance_matmul_stays_within_a_percent_of_exact() -> None:
+    """variance_matmul="bfloat16" rounds the variance GEMM operands: close to exact, but really rounded."""
+    from fxstream.rules import RULES
+    from fxstream.rules.registry import DEFAULT_RULE_OPTIONS
+
+    g = torch.Generator().manual_seed(0)
+    h, weight = torch.randn(64, 256, generator=g), torch.randn(512, 256, generator=g)
+    vh, vw = torch.rand(64, 256, generator=g), torch.rand(512, 256, generator=g)
+    target = RULES[aten.linear.default].graph_target
+    out = aten.linear.default(h, weight)
+
+    def variance(choice: str) -> torch.Tensor:
+        options = {**DEFAULT_RULE_OPTIONS, "variance_matmul": choice}
+        return target((h, weight), {}, (vh, vw), {}, ("diag", "param_diag"), {}, out, "diag", options)
+
+    exact = vh @ weight.square().t() + (h.square() + vh) @ vw.t()
+    torch.testing.assert_close(variance("exact"), exact, rtol=1e-5, atol=0)
+    reduced = variance("bfloat16")
+    relative = ((reduced - exact).abs() / exact).max()
+    assert 0 < relative < 1e-2
