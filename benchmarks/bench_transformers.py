@@ -3,16 +3,21 @@
 Models: GPT-2-small (12 blocks, d=768, vocab 50257) and ViT-B/16 (224x224, 12
 blocks, d=768) with random weights, from `transformers` configs. Rows:
 deterministic forward, fxstream with every linear layer Bayesian (diagonal),
-fxstream with only the last 2 blocks Bayesian, and Monte Carlo with 10 weight
-samples, each on the eager and the Inductor backend.
+fxstream with only the last 2 blocks Bayesian (each also with
+``variance_matmul="bfloat16"``: the variance GEMMs on bfloat16 operands), and
+Monte Carlo with 10 weight samples, each on the eager and the Inductor backend.
 
 Time: median of --repeats calls after a warm-up call (compilation excluded).
-Peak memory: each row runs in a fresh subprocess; after the warm-up the
+Peak memory, CPU: each row runs in a fresh subprocess; after the warm-up the
 process's peak resident set (Linux VmHWM) is reset through /proc/self/clear_refs
 and the reported number is the peak RSS during the timed calls minus the RSS
-before them, i.e. what the call itself allocates (CPU, no CUDA allocator).
+before them, i.e. what the call itself allocates. On a GPU (--device cuda) the
+rows run in one process, timed with the device synchronised, and the peak is
+torch.cuda.max_memory_allocated during the timed calls minus the memory
+allocated before them.
 
     python benchmarks/bench_transformers.py --out benchmarks/results/transformers.md
+    python benchmarks/bench_transformers.py --device cuda --out docs/results/transformers_gpu.md
     python benchmarks/bench_transformers.py --accuracy      # Monte Carlo gaps on the tiny test models
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -31,19 +37,22 @@ import torch
 from tabulate import tabulate
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("deterministic", "fxstream all linear", "fxstream last 2 blocks", "MC-10")
+MODES = ("deterministic", "fxstream all linear", "fxstream last 2 blocks", "fxstream all linear, bf16 var GEMMs",
+         "fxstream last 2 blocks, bf16 var GEMMs", "MC-10")
 
 
-def build(name: str, batch: int, seq: int):
-    """A random-weight GPT-2-small or ViT-B/16 in eval mode and an input batch."""
+def build(name: str, batch: int, seq: int, device: str = "cpu"):
+    """A random-weight GPT-2-small or ViT-B/16 in eval mode and an input batch, on ``device``."""
     import transformers
 
     torch.manual_seed(0)
     if name == "gpt2-small":
         config = transformers.GPT2Config(attn_implementation="sdpa", bos_token_id=0, eos_token_id=0)
-        return transformers.GPT2LMHeadModel(config).eval(), torch.randint(0, config.vocab_size, (batch, seq))
-    config = transformers.ViTConfig(attn_implementation="sdpa", num_labels=1000)
-    return transformers.ViTForImageClassification(config).eval(), torch.randn(batch, 3, 224, 224)
+        model, x = transformers.GPT2LMHeadModel(config), torch.randint(0, config.vocab_size, (batch, seq))
+    else:
+        config = transformers.ViTConfig(attn_implementation="sdpa", num_labels=1000)
+        model, x = transformers.ViTForImageClassification(config), torch.randn(batch, 3, 224, 224)
+    return model.eval().to(device), x.to(device)
 
 
 def linear_weights(model: torch.nn.Module) -> list[str]:
@@ -77,10 +86,12 @@ def runner(model, x, mode: str, backend: str):
             return stacked.mean(0), stacked.var(0)
 
         return monte_carlo
-    include = linear_weights(model) if mode == "fxstream all linear" else last_blocks(model, 2)
-    exclude = [] if mode == "fxstream all linear" else ["*norm*", "*ln_*", "*.bias"]
+    every_linear = mode.startswith("fxstream all linear")
+    include = linear_weights(model) if every_linear else last_blocks(model, 2)
+    exclude = [] if every_linear else ["*norm*", "*ln_*", "*.bias"]
     posterior = select(model, include=include, exclude=exclude, variance=1e-6)
-    streamlined = fxstream.streamline(model, posterior, backend=backend)
+    variance_matmul = "bfloat16" if mode.endswith("bf16 var GEMMs") else "exact"
+    streamlined = fxstream.streamline(model, posterior, backend=backend, variance_matmul=variance_matmul)
     return lambda: streamlined(x)
 
 
@@ -89,6 +100,28 @@ def _rss_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_cuda(name: str, mode: str, backend: str, batch: int, seq: int, repeats: int) -> dict:
+    """Run one row on the GPU: warm-up (compiles), then synchronised timed calls and the allocator's peak."""
+    model, x = build(name, batch, seq, "cuda")
+    call = runner(model, x, mode, backend)
+    with torch.no_grad():
+        call()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated() - before
+    del call, model, x
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return {"time_s": statistics.median(times), "peak_mib": peak / 2**20}
 
 
 def measure(name: str, mode: str, backend: str, batch: int, seq: int, repeats: int) -> dict:
@@ -113,20 +146,30 @@ def table(args) -> str:
     for name in args.models:
         for backend in args.backends:
             base = None
-            for mode in MODES:
-                command = [sys.executable, __file__, "--one", json.dumps([name, mode, backend]),
-                           "--batch", str(args.batch), "--seq", str(args.seq), "--repeats", str(args.repeats)]
-                done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-                if done.returncode != 0:
-                    rows.append([name, backend, mode, "failed", done.stderr.strip().splitlines()[-1][:80], ""])
-                    continue
-                result = json.loads(done.stdout.strip().splitlines()[-1])
+            for mode in args.modes:
+                if args.device == "cuda":
+                    try:
+                        result = measure_cuda(name, mode, backend, args.batch, args.seq, args.repeats)
+                    except Exception as error:  # one failing row is reported, the others still run
+                        rows.append([name, backend, mode, "failed", str(error).splitlines()[0][:80], ""])
+                        print(tabulate([rows[-1]], tablefmt="plain"), flush=True)
+                        continue
+                else:
+                    command = [sys.executable, __file__, "--one", json.dumps([name, mode, backend]),
+                               "--batch", str(args.batch), "--seq", str(args.seq), "--repeats", str(args.repeats)]
+                    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                    if done.returncode != 0:
+                        rows.append([name, backend, mode, "failed", done.stderr.strip().splitlines()[-1][:80], ""])
+                        continue
+                    result = json.loads(done.stdout.strip().splitlines()[-1])
                 base = result["time_s"] if mode == "deterministic" else base
                 ratio = f"{result['time_s'] / base:.2f}x" if base else ""
                 rows.append([name, backend, mode, f"{result['time_s'] * 1e3:.1f}", ratio, f"{result['peak_mib']:.0f}"])
                 print(tabulate([rows[-1]], tablefmt="plain"), flush=True)
-    shape = f"batch {args.batch}, GPT-2 sequence {args.seq}, ViT 224x224 (197 tokens), float32, CPU threads {torch.get_num_threads()}"
+    where = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}" if args.device == "cuda"
+             else f"CPU threads {torch.get_num_threads()}, torch {torch.__version__}")
+    shape = f"batch {args.batch}, GPT-2 sequence {args.seq}, ViT 224x224 (197 tokens), float32, {where}"
     return shape + "\n\n" + tabulate(
         rows, headers=["model", "backend", "mode", "time (ms)", "vs deterministic", "peak (MiB)"], tablefmt="github"
     )
@@ -170,6 +213,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), metavar="MODE",
+                        help=f"rows to run (default: all of {', '.join(repr(m) for m in MODES)})")
     parser.add_argument("--accuracy", action="store_true", help="print the Monte Carlo gap table instead")
     parser.add_argument("--samples", type=int, default=20_000)
     parser.add_argument("--tiny-models", nargs="+", default=["gpt2", "vit", "bert", "llama"],
@@ -185,7 +231,7 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        command = "python benchmarks/bench_transformers.py " + " ".join(sys.argv[1:])
+        command = "python benchmarks/bench_transformers.py " + shlex.join(sys.argv[1:])
         args.out.write_text(f"# Transformers benchmark\n\nProduced by `{command}`.\n\n{text}\n")
 
 
