@@ -88,6 +88,7 @@ def streamline(
     attention: Literal["paper", "linearised"] = "paper",
     norm: Literal["paper", "linearised"] = "paper",
     variance_matmul: Literal["exact", "bfloat16"] = "exact",
+    products: Literal["moments", "linearised"] = "moments",
     backend: Literal["inductor", "eager"] = "inductor",
     output: str | int | None = None,
     budget: int | str | None = None,
@@ -114,6 +115,11 @@ def streamline(
             "bfloat16" rounds their operands to bfloat16 (tensor cores on a GPU; about 0.4%
             relative error in the variances). Worth it where such a GEMM is as large as the
             mean's, e.g. a 50k-vocabulary head; means are untouched.
+        products: "moments" keeps the second-order term v_x v_z of every product of two
+            uncertain factors (weight times input, activation times activation): the exact
+            moments of each such op, as in the paper. "linearised" drops it: first order
+            throughout, the linearised-Laplace (GLM) predictive, which the pass then equals
+            exactly with activation_cov="full" (weights independent across layers).
         backend: "inductor" compiles the rewritten graph; "eager" runs it as an FX GraphModule.
         output: the key or index of the output to return the predictive of, for models returning
             a dict, dataclass or tuple (default: "logits" if present, else the first tensor).
@@ -141,7 +147,8 @@ def streamline(
         input_var=input_var,
         input_cov=input_cov,
         activation_cov=activation_cov,
-        rule_options={"attention": attention, "norm": norm, "variance_matmul": variance_matmul},
+        rule_options={"attention": attention, "norm": norm, "variance_matmul": variance_matmul,
+                      "products": products},
         backend=backend,
     )
     options.check()

@@ -20,9 +20,11 @@ compares it with
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +33,7 @@ from torch.func import jacrev, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fxstream.rules import RULES
+from fxstream.rules.registry import DEFAULT_RULE_OPTIONS
 
 DTYPE = torch.float64
 
@@ -139,7 +142,7 @@ class Prepared:
     def outputs(self, out: Any) -> list[torch.Tensor]:
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
-    def rule_call(self, structure: str) -> Any:
+    def rule_call(self, structure: str, options: dict | None = None) -> Any:
         """Run the registered rule through its graph target, as the rewritten graph does."""
         rule = RULES[self.sample.op]
         by_path = {leaf.path: leaf for leaf in self.leaves}
@@ -161,7 +164,8 @@ class Prepared:
         kinds, kw_kinds = tree_unflatten(flat_kind, self.spec)
         kw_covs = {k: v for k, v in kw_covs.items() if v is not None}
         kw_kinds = {k: v for k, v in kw_kinds.items() if k in kw_covs}
-        return rule.graph_target(args, kwargs, covs, kw_covs, kinds, kw_kinds, self.out, structure)
+        options = {**DEFAULT_RULE_OPTIONS, **(options or {})}
+        return rule.graph_target(args, kwargs, covs, kw_covs, kinds, kw_kinds, self.out, structure, options)
 
     def batch(self) -> int:
         acts = [leaf for leaf in self.leaves if leaf.unc.role == "act"]
@@ -177,7 +181,7 @@ class Prepared:
                 dense.append(torch.diag(leaf.var.reshape(-1)))
         return dense
 
-    def oracle(self, structure: str) -> list[torch.Tensor]:
+    def oracle(self, structure: str, second_order: bool = True) -> list[torch.Tensor]:
         """Dense covariance over all elements of each output: J S J^T (+ exact second order)."""
         inputs = self.input_covariances(structure)
         outs = self.outputs(self.out)
@@ -189,7 +193,7 @@ class Prepared:
             for o, out in enumerate(outs):
                 j = jacobians[o][k].reshape(out.numel(), leaf.unc.mean.numel())
                 totals[o] = totals[o] + j @ s @ j.T
-        if self.sample.exact:
+        if self.sample.exact and second_order:
             for a, b in itertools.combinations(range(len(self.leaves)), 2):
                 terms = self.second_order(a, b, inputs[a], inputs[b])
                 totals = [t + c for t, c in zip(totals, terms)]
@@ -263,15 +267,19 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(actual.to(DTYPE), expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def check_sample(sample: Sample, structure: str, mc_samples: int = 20_000) -> None:
-    """Assert that the rule of ``sample.op`` matches the oracles for ``structure``."""
+def check_sample(sample: Sample, structure: str, mc_samples: int = 20_000, options: dict | None = None) -> None:
+    """Assert that the rule of ``sample.op`` matches the oracles for ``structure``.
+
+    ``options`` are rule options; with ``products="linearised"`` the oracle is first order throughout.
+    """
+    second_order = (options or {}).get("products", "moments") == "moments"
     prepared = Prepared(sample)
     if structure == "param_diag":
         assert RULES[sample.op].param_passthrough, f"{sample.id}: the rule is not registered as a passthrough"
         assert all(leaf.unc.role == "param" for leaf in prepared.leaves), f"{sample.id}: not parameters only"
     outs = prepared.outputs(prepared.out)
-    actual = prepared.outputs(prepared.rule_call(structure))
-    expected = prepared.oracle("full" if structure == "full" else "diag")
+    actual = prepared.outputs(prepared.rule_call(structure, options))
+    expected = prepared.oracle("full" if structure == "full" else "diag", second_order)
     assert len(actual) == len(outs), f"{sample.id}: rule returned {len(actual)} covariances for {len(outs)} outputs"
     for o, (got, dense, out) in enumerate(zip(actual, expected, outs)):
         what = f"{sample.id} [{structure}] output {o}"
@@ -285,7 +293,7 @@ def check_sample(sample: Sample, structure: str, mc_samples: int = 20_000) -> No
         if structure == "param_diag":
             off = dense - torch.diag(dense.diagonal())
             assert off.abs().max() <= 1e-12 * dense.abs().max(), f"{what}: entries become correlated"
-        if sample.monte_carlo and structure == "diag":
+        if sample.monte_carlo and structure == "diag" and second_order:
             assert sample.exact, f"{sample.id}: Monte Carlo checks only rules that claim exact moments"
             mc = prepared.monte_carlo("diag", mc_samples)[o]
             rel = ((variances - mc).abs() / mc.clamp_min(1e-12)).max().item()
@@ -302,6 +310,20 @@ def structures_to_check(sample: Sample) -> list[str]:
     if not wanted:
         raise ValueError(f"{sample.id}: the rule supports {rule.structures}, the sample asks for {sample.structures}")
     return wanted
+
+
+def sample_tables(folder: Path, skip: str | None = None) -> dict[str, list[Sample]]:
+    """SAMPLES of every test_<family>.py module in ``folder`` but ``skip`` (a caller's own file)."""
+    tables = {}
+    for path in sorted(folder.glob("test_*.py")):
+        if skip is not None and path.resolve() == Path(skip).resolve():
+            continue
+        spec = importlib.util.spec_from_file_location(f"sample_table_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if hasattr(module, "SAMPLES"):
+            tables[path.stem] = module.SAMPLES
+    return tables
 
 
 def cases(samples: Iterable[Sample]) -> list[Any]:

@@ -2,7 +2,8 @@
 
 Inputs are treated as independent: a residual add drops the cross-covariance
 between its branches (an approximation the docs state). The product of two
-uncertain factors keeps the exact second-order term v_x v_z.
+uncertain factors keeps the exact second-order term v_x v_z (option
+``products="moments"``; "linearised" drops it).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def mul(call: RuleCall) -> torch.Tensor:
     vx, vz = call.cov(0), call.cov(1)
     if call.structure == "full":
         cov = linearised_full(call)
-        if vx is not None and vz is not None:
+        if vx is not None and vz is not None and call.second_order:
             cov = cov + _second_order_full(call)
         return cov
     total = 0
@@ -62,7 +63,7 @@ def mul(call: RuleCall) -> torch.Tensor:
         total = total + vx * (z.square() if isinstance(z, torch.Tensor) else float(z) ** 2)
     if vz is not None:
         total = total + vz * x.square()
-    if vx is not None and vz is not None:
+    if vx is not None and vz is not None and call.second_order:
         total = total + vx * vz
     return torch.broadcast_to(total, call.out.shape)
 

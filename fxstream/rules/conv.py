@@ -50,7 +50,7 @@ def conv(call: RuleCall) -> torch.Tensor:
         var = call.op(vx, w.square(), var_b, *geometry)
         var_b = None
     if weight is not None:
-        var = plus(var, _weight_diag(call, x, vx, weight, var_b, geometry))
+        var = plus(var, _weight_diag(call, x, vx if call.second_order else None, weight, var_b, geometry))
     elif var_b is not None:
         var = var_b.reshape((-1,) + (1,) * (x.dim() - 2))
     return torch.broadcast_to(var, call.out.shape)
@@ -79,7 +79,7 @@ def _conv_full(call: RuleCall, x, vx, w, weight, bias, geometry) -> torch.Tensor
     if vx is not None:
         total = total + sandwich(lambda h: call.op(h, w, None, *geometry), x, vx)
     if weight is not None:
-        total = total + _weight_full(call, x, vx, weight, geometry, batch, positions)
+        total = total + _weight_full(call, x, vx if call.second_order else None, weight, geometry, batch, positions)
     cov_b = None if bias is None else bias_covariance(*bias)
     if cov_b is not None:
         total = total + bias_full(cov_b, positions, batch).reshape(batch, positions, c_out, positions, c_out) \

@@ -36,28 +36,35 @@ aten = torch.ops.aten
 Param = tuple[str, tuple[torch.Tensor, ...]] | None
 
 
-def contraction_variance(mx, vx, my, vy) -> torch.Tensor:
-    """Variance of X @ Y for independent X, Y with elementwise variances (None: deterministic)."""
+def contraction_variance(mx, vx, my, vy, second_order: bool = True) -> torch.Tensor:
+    """Variance of X @ Y for independent X, Y with elementwise variances (None: deterministic).
+
+    ``second_order`` keeps the vx @ vy term (exact moments); without it, first order.
+    """
     total = 0
     if vx is not None:
-        total = total + vx @ (my.square() + (0 if vy is None else vy))
+        total = total + vx @ (my.square() + (vy if vy is not None and second_order else 0))
     if vy is not None:
         total = total + mx.square() @ vy
     return total
 
 
 def affine_diag(x: torch.Tensor, vx: torch.Tensor | None, w: torch.Tensor, weight: Param,
-                into: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``into`` plus the variances of x @ w^T: input term s @ (M^2)^T plus the weight posterior's term."""
+                into: torch.Tensor | None = None, second_order: bool = True) -> torch.Tensor | None:
+    """``into`` plus the variances of x @ w^T: input term s @ (M^2)^T plus the weight posterior's term.
+
+    The weight term meets E[x x^T] (``second_order``) or only m m^T (first order).
+    """
     var = into
     if weight is not None:
-        var = weight_diag(*weight, x, vx, var)
+        var = weight_diag(*weight, x, vx if second_order else None, var)
     if vx is not None:
         var = matmul_into(var, vx, w.square().t())
     return var
 
 
-def affine_full(x: torch.Tensor, vx: torch.Tensor | None, w: torch.Tensor, weight: Param, batch: int) -> torch.Tensor:
+def affine_full(x: torch.Tensor, vx: torch.Tensor | None, w: torch.Tensor, weight: Param, batch: int,
+                second_order: bool = True) -> torch.Tensor:
     """Per-sample covariance (B, N, N) of x @ w^T; x (.., Din) with full cov vx, w (Dout, Din)."""
     d_out, d_in = w.shape
     rows = x.numel() // (batch * d_in)
@@ -67,7 +74,7 @@ def affine_full(x: torch.Tensor, vx: torch.Tensor | None, w: torch.Tensor, weigh
     if s is not None:
         total = total + torch.einsum("ki,bxiyj,lj->bxkyl", w, s, w)
     if weight is not None:
-        total = total + weight_full(*weight, x, s)
+        total = total + weight_full(*weight, x, s if second_order else None)
     n = rows * d_out
     return torch.broadcast_to(total, (batch, rows, d_out, rows, d_out)).reshape(batch, n, n)
 
@@ -110,7 +117,7 @@ def affine(call: RuleCall, x, w, weight: Param, bias: Param, alpha: float = 1.0,
     vx = call.cov(0) if call.op is not aten.addmm.default else call.cov(1)
     if call.structure == "full":
         batch = batch_size(call)
-        cov = alpha**2 * affine_full(x, vx, w, weight, batch)
+        cov = alpha**2 * affine_full(x, vx, w, weight, batch, call.second_order)
         cov_b = None if bias is None else bias_covariance(*bias)
         if cov_b is not None:
             rows = x.numel() // (batch * x.shape[-1])
@@ -120,9 +127,9 @@ def affine(call: RuleCall, x, w, weight: Param, bias: Param, alpha: float = 1.0,
     if var_b is not None and beta != 1:
         var_b = beta**2 * var_b
     if alpha == 1:
-        var = affine_diag(x, vx, w, weight, into=var_b)
+        var = affine_diag(x, vx, w, weight, var_b, call.second_order)
     else:
-        body = affine_diag(x, vx, w, weight)
+        body = affine_diag(x, vx, w, weight, second_order=call.second_order)
         var = var_b if body is None else plus(var_b, alpha**2 * body)
     return torch.broadcast_to(var, call.out.shape)
 
@@ -178,6 +185,6 @@ def _product_of_activations(call: RuleCall, x, vx, y, vy, alpha: float, bias: Pa
             raise ValueError(
                 f"{call.op}: a '{kind}' posterior is supported on a 2-D weight used as x @ W only"
             )
-    var = alpha**2 * contraction_variance(x, vx, y, vy)
+    var = alpha**2 * contraction_variance(x, vx, y, vy, call.second_order)
     var_b = None if bias is None else bias_variance(*bias)
     return torch.broadcast_to(var if var_b is None else var + beta**2 * var_b, call.out.shape)

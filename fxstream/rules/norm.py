@@ -28,7 +28,7 @@ def batch_norm(call: RuleCall) -> torch.Tensor:
     inv_std = torch.rsqrt(running_var + eps).reshape(channel)
     if call.structure == "full":
         cov = linearised_full(call)
-        if call.cov(0) is not None and call.cov(1) is not None:
+        if call.cov(0) is not None and call.cov(1) is not None and call.second_order:
             scale = (inv_std.expand_as(x[:1])).reshape(-1)
             normalised_cov = call.cov(0) * scale[:, None] * scale[None, :]
             cov = cov + noise_product_full(normalised_cov, gamma, call.cov(1),
@@ -38,7 +38,7 @@ def batch_norm(call: RuleCall) -> torch.Tensor:
     inv_var = inv_std.square()
     v_gamma = None if call.cov(1) is None else call.cov(1).reshape(channel)
     gain = 1.0 if gamma is None else gamma.reshape(channel).square()
-    if v_gamma is not None:
+    if v_gamma is not None and call.second_order:
         gain = gain + v_gamma
     var = None if call.cov(0) is None else call.cov(0) * (inv_var * gain)
     if v_gamma is not None:
@@ -94,7 +94,7 @@ def layer_norm(call: RuleCall) -> torch.Tensor:
     v_xhat = 0 if call.cov(0) is None else _normalised_variance(xhat, call.cov(0), inv_std, dims, linearised)
     var = v_xhat * (1.0 if gamma is None else gamma.square())
     if call.cov(2) is not None:
-        var = var + call.cov(2) * (xhat.square() + v_xhat)
+        var = var + call.cov(2) * (xhat.square() + (v_xhat if call.second_order else 0))
     if call.cov(3) is not None:
         var = var + call.cov(3)
     return torch.broadcast_to(var, call.out.shape)
@@ -118,6 +118,6 @@ def _layer_norm_full(call: RuleCall, mu: torch.Tensor, inv_std: torch.Tensor, li
         return cov + xhat_cov
     scale = torch.broadcast_to(gamma, x.shape).reshape(x.shape[0], -1)
     cov = cov + xhat_cov * scale[:, :, None] * scale[:, None, :]
-    if call.cov(2) is not None:
+    if call.cov(2) is not None and call.second_order:
         cov = cov + noise_product_full(xhat_cov, gamma, call.cov(2), lambda g: torch.broadcast_to(g, x.shape))
     return cov

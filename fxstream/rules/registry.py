@@ -33,6 +33,11 @@ RULE_OPTIONS: dict[str, tuple[str, ...]] = {
     # operands rounded to bfloat16 (tensor cores on a GPU), about 0.4% relative error in the
     # variances, for outputs such as a 50k-vocabulary head where that GEMM is as large as the mean's.
     "variance_matmul": ("exact", "bfloat16"),
+    # "moments": a product of two uncertain factors (weight times input, activation times
+    # activation) keeps its second-order term v_x v_z, the exact moments of that op (the paper);
+    # "linearised": first order throughout, the linearised-Laplace (GLM) predictive, which the
+    # pass reproduces exactly with activation_cov="full" and a layer-wise independent posterior.
+    "products": ("moments", "linearised"),
 }
 DEFAULT_RULE_OPTIONS = {name: choices[0] for name, choices in RULE_OPTIONS.items()}
 
@@ -78,6 +83,11 @@ class RuleCall:
 
     def kind(self, index: int) -> str | None:
         return self.kinds[index] if index < len(self.kinds) else None
+
+    @property
+    def second_order(self) -> bool:
+        """Whether a product of two uncertain factors keeps its v_x v_z term (option ``products``)."""
+        return self.options.get("products", "moments") == "moments"
 
     def uncertain(self) -> Iterator[tuple[Path, torch.Tensor, Any, str]]:
         """Yield (path, mean, cov, kind) for every uncertain tensor argument."""

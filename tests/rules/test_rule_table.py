@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from harness import sample_tables
 
 from fxstream.rules import RULES
 
@@ -11,15 +12,7 @@ HERE = Path(__file__).parent
 
 
 def _sample_tables() -> dict[str, list]:
-    """SAMPLES of every tests/rules/test_<family>.py module, keyed by module name."""
-    tables = {}
-    for path in sorted(HERE.glob("test_*.py")):
-        spec = importlib.util.spec_from_file_location(f"sample_table_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if hasattr(module, "SAMPLES"):
-            tables[path.stem] = module.SAMPLES
-    return tables
+    return sample_tables(HERE)
 
 
 def test_every_registered_op_has_a_sample() -> None:
