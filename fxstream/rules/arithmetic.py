@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .linearise import linearised_full, noise_product_full
+from .linearise import linearised_full, noise_product_full, sandwich
 from .registry import RuleCall, register
 
 aten = torch.ops.aten
@@ -69,17 +69,30 @@ def mul(call: RuleCall) -> torch.Tensor:
 
 
 def _second_order_full(call: RuleCall) -> torch.Tensor:
-    """Cov of the noise product (x - m_x)(z - m_z) for independent x, z, per sample."""
+    """Cov of the noise product (x - m_x)(z - m_z) for independent x, z, per sample.
+
+    A factor that broadcasts within a sample (an RMSNorm statistic of shape
+    (B, T, 1) times x of shape (B, T, D)) first has its covariance carried to
+    the output's elements through the broadcast, B S B^T.
+    """
     (_, mx, sx, kx), (_, mz, sz, kz) = list(call.uncertain())
     shape = call.out.shape
     if kx == "full" and kz == "full":
-        if mx.shape != shape or mz.shape != shape:
-            raise ValueError("full covariance of a broadcasting product of two activations is not supported")
-        return sx * sz
+        return _broadcast_full(mx, sx, shape) * _broadcast_full(mz, sz, shape)
     (ma, sa), (mp, vp) = ((mx, sx), (mz, sz)) if kx == "full" else ((mz, sz), (mx, sx))
-    if ma.shape != shape:
-        raise ValueError("full covariance of a product that broadcasts the activation is not supported")
-    return noise_product_full(sa, mp, vp, lambda p: torch.broadcast_to(p, shape))
+    return noise_product_full(_broadcast_full(ma, sa, shape), mp, vp, lambda p: torch.broadcast_to(p, shape))
+
+
+def _broadcast_full(mean: torch.Tensor, cov: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The per-sample covariance of ``mean`` broadcast to ``shape`` (samples must not be broadcast)."""
+    if mean.shape == shape:
+        return cov
+    if mean.dim() != len(shape) or mean.shape[0] != shape[0]:
+        raise ValueError(
+            f"full covariance of a product that broadcasts an activation of shape {tuple(mean.shape)} across "
+            f"samples (to {tuple(shape)}) is not supported; use activation_cov='diag'"
+        )
+    return sandwich(lambda h: torch.broadcast_to(h, shape), mean, cov)
 
 
 @register(aten.div.Tensor, aten.div.Scalar, param_passthrough=True)

@@ -10,6 +10,7 @@ from harness import Sample, act, cases, check_sample, param, rand, randn
 aten = torch.ops.aten
 x, y = randn(3, 4, seed=1), randn(3, 4, seed=2)
 row = randn(4, seed=3)
+column = randn(3, 1, seed=5)  # one value per sample, broadcast over features (an RMSNorm statistic)
 away_from_zero = rand(3, 4, low=1.0, high=2.0, seed=4)
 
 SAMPLES = [
@@ -29,6 +30,8 @@ SAMPLES = [
     Sample(aten.mul.Tensor, (act(x, 1.0), act(y, 1.0)), exact=True, monte_carlo=True, name="two-uncertain"),
     Sample(aten.mul.Tensor, (act(x, 1.0), param(row, 1.0)), exact=True, monte_carlo=True,
            name="activation-parameter"),
+    Sample(aten.mul.Tensor, (act(x, 1.0), act(column, 1.0)), exact=True, name="broadcast-statistic"),
+    Sample(aten.mul.Tensor, (act(column, 1.0), param(row, 1.0)), exact=True, name="broadcast-activation-parameter"),
     Sample(aten.mul.Tensor, (param(x), 3.0), structures=("param_diag",), name="param"),
     Sample(aten.mul.Scalar, (act(x), -3.0)),
     Sample(aten.div.Tensor, (act(x), away_from_zero), name="deterministic"),
