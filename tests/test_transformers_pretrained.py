@@ -52,8 +52,8 @@ def monte_carlo_variance(model, inputs: dict, posterior, pick, samples: int, cen
     return square / samples - mean.square()
 
 
-def check(model, inputs: dict, pick, samples: int, max_median: float) -> None:
-    posterior = bayesian_last_blocks(model)
+def check(model, inputs: dict, pick, samples: int, max_median: float, posterior=None) -> None:
+    posterior = posterior or bayesian_last_blocks(model)
     streamlined = fxstream.streamline(model, posterior, backend="eager", output=pick.key)
     predictive = streamlined(**inputs)
     with torch.no_grad():
@@ -98,5 +98,13 @@ def test_smollm2_llama():
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file,
                                                               attn_implementation="sdpa").eval()
     inputs = {"input_ids": torch.tensor([[1, 504, 3458, 5112, 30, 253, 1477, 28]])}
-    # Measured: median 0.755, p90 1.64 (not yet explained; a regression guard, not a target).
+    # Measured: median 0.755, p90 1.64: fxstream's variances are 1.75x Monte Carlo's. The cause is the
+    # residual adds, whose branches the method treats as independent: with uncertainty entering after
+    # the last branch point (the last block's down_proj alone) the rules agree with Monte Carlo (below),
+    # while the last block's v_proj alone, whose perturbation passes a residual MLP branch, gives 2.3x.
+    # norm="linearised" and attention="linearised" do not move it. A regression guard, not a target.
     check(model, inputs, Output("logits"), samples=200, max_median=0.85)
+    last = f"model.layers.{model.config.num_hidden_layers - 1}.mlp.down_proj.weight"
+    after_branches = select(model, include=[last],
+                            variance=lambda name, w: 1e-4 * w.abs().mean().square() * torch.ones_like(w))
+    check(model, inputs, Output("logits"), samples=200, max_median=0.12, posterior=after_branches)
