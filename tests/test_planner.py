@@ -77,6 +77,50 @@ def test_flop_formula_equals_counted_flops_off_the_grid(mlp_planner: Planner, st
     assert report.evaluate(report.flops, {"batch": 23}) == sum(counted.values()) > 0
 
 
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
+
+
+@torch.library.custom_op("fxstream_test::with_workspace", mutates_args=())
+def _with_workspace(x: torch.Tensor) -> torch.Tensor:
+    """Identity that, like a GPU library, allocates a workspace on the first call of each shape and keeps it."""
+    if tuple(x.shape) not in _WORKSPACES:
+        _WORKSPACES[tuple(x.shape)] = torch.empty(256 * x.numel(), dtype=torch.uint8)
+    return x.clone()
+
+
+@_with_workspace.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class _UsesWorkspace(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(_with_workspace(x))
+
+
+def test_kept_library_workspace_is_not_working_memory() -> None:
+    """Memory a library allocates once and keeps (cuBLAS's workspace on a GPU) is not needed again by every call,
+    so the cost model must not learn it from its grid runs."""
+    model = _UsesWorkspace().eval()
+    sym = capture_symbolic(model, (torch.randn(4, 12),), {(0, 0): "batch"})
+    options = fxstream.StreamlineOptions(posterior=_posterior(model), model=model)
+    from fxstream.backend import _sources
+    from fxstream.passes import pair, prune
+
+    paired = pair(sym.captured, _sources(sym.captured, options), "diag")
+    prune(paired)
+    _WORKSPACES.clear()
+    report = cost_report(sym, paired)
+    inputs = sym.graph_inputs({"batch": 64}, lambda p, s: torch.randn(s))
+    paired.graph_module(*inputs)  # this shape's workspace, once
+    measured = profiler_peak(paired.graph_module, *inputs)
+    assert abs(report.peak_at({"batch": 64}) - measured) <= 0.15 * measured, (report.peak_at({"batch": 64}), measured)
+
+
 @pytest.mark.parametrize("make, shape", [(_mlp, (4, 12)), (_cnn, (4, 1, 8, 8))])
 @pytest.mark.parametrize("structure", ["diag", "full"])
 def test_predicted_peak_within_15_percent_of_allocator_peak(make, shape, structure: str) -> None:
