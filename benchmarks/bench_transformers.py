@@ -102,6 +102,17 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def median_time(call, repeats: int, synchronize=lambda: None) -> float:
+    """Median seconds of ``repeats`` calls, each ended by ``synchronize`` (the device's, on a GPU)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def measure_cuda(name: str, mode: str, backend: str, batch: int, seq: int, repeats: int) -> dict:
     """Run one row on the GPU: warm-up (compiles), then synchronised timed calls and the allocator's peak."""
     model, x = build(name, batch, seq, "cuda")
@@ -111,17 +122,12 @@ def measure_cuda(name: str, mode: str, backend: str, batch: int, seq: int, repea
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+        seconds = median_time(call, repeats, torch.cuda.synchronize)
         peak = torch.cuda.max_memory_allocated() - before
     del call, model, x
     torch._dynamo.reset()
     torch.cuda.empty_cache()
-    return {"time_s": statistics.median(times), "peak_mib": peak / 2**20}
+    return {"time_s": seconds, "peak_mib": peak / 2**20}
 
 
 def measure(name: str, mode: str, backend: str, batch: int, seq: int, repeats: int) -> dict:
@@ -132,13 +138,9 @@ def measure(name: str, mode: str, backend: str, batch: int, seq: int, repeats: i
         call()
         before = _rss_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
+        seconds = median_time(call, repeats)
         peak = _rss_kib("VmHWM")
-    return {"time_s": statistics.median(times), "peak_mib": max(peak - before, 0) / 1024}
+    return {"time_s": seconds, "peak_mib": max(peak - before, 0) / 1024}
 
 
 def table(args) -> str:

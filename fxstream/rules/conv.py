@@ -25,6 +25,7 @@ from .weights import (
     bias_covariance,
     bias_variance,
     plus,
+    second_moment,
     weight_diag,
     weight_full,
 )
@@ -60,8 +61,7 @@ def _weight_diag(call: RuleCall, x, vx, weight, var_b, geometry) -> torch.Tensor
     """The weight term plus the bias variances ``var_b`` (None: none), per output element."""
     kind, tensors = weight
     if kind == "param_diag":
-        second = x.square() if vx is None else x.square() + vx
-        return call.op(second, tensors[0], var_b, *geometry)
+        return call.op(second_moment(x, vx), tensors[0], var_b, *geometry)
     u = _patches(call, x, geometry)
     vu = None if vx is None else _patches(call, vx, geometry)
     rows = weight_diag(kind, _ungrouped(kind, tensors, geometry[3]), u.transpose(1, 2),

@@ -87,10 +87,14 @@ def matmul_into(into: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> 
 
 # --- param_diag -------------------------------------------------------------
 
+def second_moment(x: torch.Tensor, vx: torch.Tensor | None) -> torch.Tensor:
+    """E[x^2] per element: what independent entries of a diagonal weight posterior meet."""
+    return x.square() if vx is None else x.square() + vx
+
+
 def _diag_diag(tensors: Tensors, x, vx, into=None):
     v = _matrix(tensors[0], tensors[0].shape[0])
-    second = x.square() if vx is None else x.square() + vx
-    return matmul_into(into, second, v.t())
+    return matmul_into(into, second_moment(x, vx), v.t())
 
 
 def _diag_full(tensors: Tensors, x, s):
