@@ -98,6 +98,12 @@ class RuleCall:
                     (("kwargs", key),), self.kwargs[key], self.kw_covs[key], self.kw_kinds[key]
                 )
 
+    def tensors(self) -> Iterator[tuple[Path, torch.Tensor]]:
+        """Yield (path, mean) for every tensor argument, uncertain or not."""
+        yield from _tensor_leaves((("args", None),), self.args)
+        for key, value in self.kwargs.items():
+            yield from _tensor_leaves((("kwargs", key),), value)
+
     def substituted(self, replacements: dict[Path, Any]) -> tuple[tuple, dict]:
         """The mean args and kwargs with the tensors at the given paths replaced."""
         args, kwargs = list(self.args), dict(self.kwargs)
@@ -127,6 +133,14 @@ def _walk(prefix: Path, mean: Any, cov: Any, kind: Any) -> Iterator[tuple[Path, 
             yield from _walk(prefix + (("item", i),), m, c, k)
     elif cov is not None:
         yield prefix, mean, cov, kind
+
+
+def _tensor_leaves(prefix: Path, value: Any) -> Iterator[tuple[Path, torch.Tensor]]:
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _tensor_leaves(prefix + (("item", i),), item)
+    elif isinstance(value, torch.Tensor):
+        yield prefix, value
 
 
 def _replace(container: Any, rest: Path, value: Any) -> Any:
