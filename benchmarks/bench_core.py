@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +33,7 @@ from torch import nn
 
 import fxstream
 from fxstream.demo import monte_carlo_probs
+from timing import CLOCK_HELP, CLOCKS, median_seconds
 
 FX_OVER_DETERMINISTIC_TARGET = 3.0
 MC100_OVER_FX_TARGET = 30.0
@@ -67,27 +66,6 @@ def workloads() -> list[Workload]:
 
 def diagonal_posterior(model: nn.Module, variance: float = 1e-4) -> fxstream.Diagonal:
     return fxstream.Diagonal({name: torch.full_like(p, variance) for name, p in model.named_parameters()})
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def median_seconds(fns: dict[str, Callable[[], object]], repeats: int, clock: str,
-                   warmup: int = 2) -> dict[str, float]:
-    """Median time of each function on ``clock`` over ``repeats`` rounds, after ``warmup`` untimed rounds.
-
-    Each round runs every function once, in turn, so that a change in machine
-    load hits all of them alike and their ratios stay meaningful.
-    """
-    now = CLOCKS[clock]
-    times: dict[str, list[float]] = {key: [] for key in fns}
-    for round_ in range(warmup + repeats):
-        for key, fn in fns.items():
-            start = now()
-            fn()
-            if round_ >= warmup:
-                times[key].append(now() - start)
-    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def measure(workload: Workload, backends: list[str], repeats: int, mc_repeats: int, clock: str) -> dict[str, float]:
@@ -138,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="eager,inductor", help="comma-separated: eager,inductor")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
-                        help="wall: elapsed time; cpu: this process's CPU time, steadier on a shared machine "
-                             "(with --threads 1 it is the single-core run time)")
+                        help=CLOCK_HELP)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -7,14 +7,13 @@ fxstream with only the last 2 blocks Bayesian (each also with
 ``variance_matmul="bfloat16"``: the variance GEMMs on bfloat16 operands), and
 Monte Carlo with 10 weight samples, each on the eager and the Inductor backend.
 
-Time: median of --repeats calls after a warm-up call (compilation excluded).
-Peak memory, CPU: each row runs in a fresh subprocess; after the warm-up the
-process's peak resident set (Linux VmHWM) is reset through /proc/self/clear_refs
-and the reported number is the peak RSS during the timed calls minus the RSS
-before them, i.e. what the call itself allocates. On a GPU (--device cuda) the
-rows run in one process, timed with the device synchronised, and the peak is
-torch.cuda.max_memory_allocated during the timed calls minus the memory
-allocated before them.
+Time: the rows of one model and backend are built and compiled first, then
+timed in interleaved rounds (each round calls every row once), so that machine
+load hits all rows alike and the ratios hold; the median over --repeats rounds
+(MC-10: at most 3) on --clock. On a GPU every call ends with a device
+synchronise. Peak memory: what one call allocates beyond what existed before
+it, from torch's CPU allocator events (torch.profiler) or, on a GPU,
+torch.cuda.max_memory_allocated.
 
     python benchmarks/bench_transformers.py --out benchmarks/results/transformers.md
     python benchmarks/bench_transformers.py --device cuda --out docs/results/transformers_gpu.md
@@ -24,17 +23,15 @@ allocated before them.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shlex
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
+from timing import CLOCK_HELP, CLOCKS, median_seconds
+
+from fxstream.planner.measure import profiler_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("deterministic", "fxstream all linear", "fxstream last 2 blocks", "fxstream all linear, bf16 var GEMMs",
@@ -95,83 +92,65 @@ def runner(model, x, mode: str, backend: str):
     return lambda: streamlined(x)
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+def peak_bytes(call, device: str) -> int:
+    """Peak bytes one call allocates beyond what was allocated before it.
 
-
-def median_time(call, repeats: int, synchronize=lambda: None) -> float:
-    """Median seconds of ``repeats`` calls, each ended by ``synchronize`` (the device's, on a GPU)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def measure_cuda(name: str, mode: str, backend: str, batch: int, seq: int, repeats: int) -> dict:
-    """Run one row on the GPU: warm-up (compiles), then synchronised timed calls and the allocator's peak."""
-    model, x = build(name, batch, seq, "cuda")
-    call = runner(model, x, mode, backend)
-    with torch.no_grad():
-        call()
+    CPU: the largest running sum of torch's CPU allocator events (torch.profiler);
+    GPU: torch.cuda.max_memory_allocated minus the memory allocated before the call.
+    """
+    if device == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        seconds = median_time(call, repeats, torch.cuda.synchronize)
-        peak = torch.cuda.max_memory_allocated() - before
-    del call, model, x
-    torch._dynamo.reset()
-    torch.cuda.empty_cache()
-    return {"time_s": seconds, "peak_mib": peak / 2**20}
-
-
-def measure(name: str, mode: str, backend: str, batch: int, seq: int, repeats: int) -> dict:
-    """Run one row in this process: warm-up (compiles), then timed calls with a fresh peak RSS."""
-    model, x = build(name, batch, seq)
-    call = runner(model, x, mode, backend)
-    with torch.no_grad():
         call()
-        before = _rss_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")
-        seconds = median_time(call, repeats)
-        peak = _rss_kib("VmHWM")
-    return {"time_s": seconds, "peak_mib": max(peak - before, 0) / 1024}
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    return profiler_peak(call)
+
+
+def measure(name: str, backend: str, modes: list[str], args) -> dict[str, dict]:
+    """Time and peak memory of every mode of one model and backend, timed in interleaved rounds."""
+    model, x = build(name, args.batch, args.seq, args.device)
+    synchronize = torch.cuda.synchronize if args.device == "cuda" else lambda: None
+    calls, results = {}, {}
+    with torch.no_grad():
+        for mode in modes:
+            try:
+                calls[mode] = runner(model, x, mode, backend)
+                calls[mode]()  # compiles
+                results[mode] = {"peak_mib": peak_bytes(calls[mode], args.device) / 2**20}
+            except Exception as error:  # one failing row is reported, the others still run
+                calls.pop(mode, None)
+                results[mode] = {"error": str(error).splitlines()[0][:80]}
+        quick = {mode: call for mode, call in calls.items() if mode != "MC-10"}
+        seconds = median_seconds(quick, args.repeats, args.clock, warmup=1, synchronize=synchronize)
+        if "MC-10" in calls:
+            seconds |= median_seconds({"MC-10": calls["MC-10"]}, min(args.repeats, 3), args.clock, warmup=0,
+                                      synchronize=synchronize)
+    for mode, value in seconds.items():
+        results[mode]["time_s"] = value
+    return results
 
 
 def table(args) -> str:
     rows = []
     for name in args.models:
         for backend in args.backends:
-            base = None
+            results = measure(name, backend, args.modes, args)
+            base = results.get("deterministic", {}).get("time_s")
             for mode in args.modes:
-                if args.device == "cuda":
-                    try:
-                        result = measure_cuda(name, mode, backend, args.batch, args.seq, args.repeats)
-                    except Exception as error:  # one failing row is reported, the others still run
-                        rows.append([name, backend, mode, "failed", str(error).splitlines()[0][:80], ""])
-                        print(tabulate([rows[-1]], tablefmt="plain"), flush=True)
-                        continue
+                result = results[mode]
+                if "error" in result:
+                    rows.append([name, backend, mode, "failed", result["error"], ""])
                 else:
-                    command = [sys.executable, __file__, "--one", json.dumps([name, mode, backend]),
-                               "--batch", str(args.batch), "--seq", str(args.seq), "--repeats", str(args.repeats)]
-                    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-                    if done.returncode != 0:
-                        rows.append([name, backend, mode, "failed", done.stderr.strip().splitlines()[-1][:80], ""])
-                        continue
-                    result = json.loads(done.stdout.strip().splitlines()[-1])
-                base = result["time_s"] if mode == "deterministic" else base
-                ratio = f"{result['time_s'] / base:.2f}x" if base else ""
-                rows.append([name, backend, mode, f"{result['time_s'] * 1e3:.1f}", ratio, f"{result['peak_mib']:.0f}"])
+                    ratio = f"{result['time_s'] / base:.2f}x" if base else ""
+                    rows.append([name, backend, mode, f"{result['time_s'] * 1e3:.1f}", ratio,
+                                 f"{result['peak_mib']:.0f}"])
                 print(tabulate([rows[-1]], tablefmt="plain"), flush=True)
     where = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}" if args.device == "cuda"
              else f"CPU threads {torch.get_num_threads()}, torch {torch.__version__}")
-    shape = f"batch {args.batch}, GPT-2 sequence {args.seq}, ViT 224x224 (197 tokens), float32, {where}"
+    shape = (f"batch {args.batch}, GPT-2 sequence {args.seq}, ViT 224x224 (197 tokens), float32, {where}; "
+             f"median {args.clock} time of {args.repeats} interleaved rounds (MC-10: {min(args.repeats, 3)})")
     return shape + "\n\n" + tabulate(
         rows, headers=["model", "backend", "mode", "time (ms)", "vs deterministic", "peak (MiB)"], tablefmt="github"
     )
@@ -223,12 +202,11 @@ def main() -> None:
     parser.add_argument("--tiny-models", nargs="+", default=["gpt2", "vit", "bert", "llama"],
                         help="tiny test models for --accuracy")
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall", help=CLOCK_HELP)
     args = parser.parse_args()
-    if args.one:
-        name, mode, backend = json.loads(args.one)
-        print(json.dumps(measure(name, mode, backend, args.batch, args.seq, args.repeats)))
-        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     text = accuracy(args.samples, args.tiny_models) if args.accuracy else table(args)
     print(text)
     if args.out:
