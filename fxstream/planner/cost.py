@@ -21,8 +21,10 @@ What a node allocates inside itself (its workspace: a rule's vmap/jvp
 tangents, a kernel's scratch) is its in-node peak as the allocator reports it
 (torch.profiler memory events), and its FLOPs are what
 ``torch.utils.flop_counter`` counts (matmul, conv, attention); both are measured
-per node at a small grid of sizes and interpolated exactly as polynomials in
-the size symbols (the tests check them at sizes off the grid). The liveness
+per node at a small grid of sizes and fitted as the lowest-degree polynomials
+in the size symbols that meet every grid point, exactly on a CPU and within
+the allocator's 512-byte rounding on a GPU (the tests check them at sizes off
+the grid, and against replayed rounding). The liveness
 walk adds each node's in-node peak to the bytes of everything else alive at
 that node.
 """
@@ -34,6 +36,7 @@ import itertools
 import operator
 import re
 from collections.abc import Mapping
+from fractions import Fraction
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -303,18 +306,24 @@ class _Profile(torch.fx.Interpreter):
         blocked layout, holding as much again), and the exact moment forward-mode
         AD frees its duals.
         """
-        events = list(prof.profiler.kineto_results.events())
-        memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+        memory, ranges = allocator_events(prof)
         times = [t for t, _ in memory]
         running = list(itertools.accumulate(nbytes for _, nbytes in memory))
-        for event in events:
-            if not event.name().startswith(NODE_MARK):
-                continue
-            first = bisect.bisect_left(times, event.start_ns())
-            last = bisect.bisect_right(times, event.start_ns() + event.duration_ns())
+        for name, start, end in ranges:
+            first = bisect.bisect_left(times, start)
+            last = bisect.bisect_right(times, end)
             if first < last:
                 base = running[first - 1] if first else 0
-                self.points[event.name()[len(NODE_MARK):]] = [max(running[first:last]) - base]
+                self.points[name] = [max(running[first:last]) - base]
+
+
+def allocator_events(prof: torch.profiler.profile) -> tuple[list[tuple[int, int]], list[tuple[str, int, int]]]:
+    """(time, signed bytes) of every allocation and free, and (node, start, end) of every node's range."""
+    events = list(prof.profiler.kineto_results.events())
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    ranges = [(e.name()[len(NODE_MARK):], e.start_ns(), e.start_ns() + e.duration_ns())
+              for e in events if e.name().startswith(NODE_MARK)]
+    return memory, ranges
 
 
 def profile(sym: SymbolicCapture, paired: PairedGraph, sizes: Sizes) -> _Profile:
@@ -348,25 +357,71 @@ def _node_key(node: torch.fx.Node) -> tuple:
     return (node.name, info.get("role"), info.get("rule"))
 
 
-class Interpolator:
-    """Fits per-node polynomials in the size symbols from fake runs on a grid, caching by node key."""
+BYTES_TOLERANCE_ALLOCATIONS = 4
+"""How many allocations' rounding a node's in-node peak may carry (a bound, not a count)."""
 
-    def __init__(self, sym: SymbolicCapture) -> None:
+
+def _allocation_granularity(sym: SymbolicCapture) -> int:
+    """Bytes the allocator rounds each block to: 512 for the CUDA caching allocator, exact on a CPU."""
+    devices = {p.tensor.device.type for p in sym.captured.placeholders if isinstance(p.tensor, torch.Tensor)}
+    return 512 if "cuda" in devices else 1
+
+
+class _LeastSquares:
+    """Least-squares fit over the grid in the monomials up to ``degrees`` (exact rational arithmetic)."""
+
+    def __init__(self, grid: list[dict], names: list[str], symbols: list[sympy.Symbol], degrees: tuple) -> None:
+        monomials = list(itertools.product(*[range(d + 1) for d in degrees]))
+        design = sympy.Matrix([[sympy.Mul(*(point[n] ** e for n, e in zip(names, m))) for m in monomials]
+                               for point in grid])
+        solve = (design.T * design).inv() * design.T
+        self.design = [[Fraction(int(v)) for v in row] for row in design.tolist()]
+        self.solve = [[Fraction(int(v.p), int(v.q)) for v in row] for row in solve.tolist()]
+        self.terms = [sympy.Mul(*(s**e for s, e in zip(symbols, m))) for m in monomials]
+
+    def within(self, values: list[int], tolerance: int) -> sympy.Expr | None:
+        """The fitted polynomial, or None when it misses a grid point by more than ``tolerance``."""
+        coefficients = [sum(w * v for w, v in zip(row, values)) for row in self.solve]
+        for row, value in zip(self.design, values):
+            if abs(sum(a * c for a, c in zip(row, coefficients)) - value) > tolerance:
+                return None
+        return sympy.expand(sum(sympy.Rational(c.numerator, c.denominator) * t
+                                for c, t in zip(coefficients, self.terms)))
+
+
+class Interpolator:
+    """Fits per-node polynomials in the size symbols from profiled runs on a grid, caching by node key.
+
+    Each series is fitted by the lowest-degree polynomial that meets every grid
+    point within a tolerance: exactly for FLOPs and for bytes on a CPU, whose
+    allocator reports exact sizes; within the allocator's granularity on a GPU,
+    where the CUDA caching allocator hands out multiples of 512 bytes. An exact
+    cubic through rounded tiny sizes would turn that rounding into a huge cubic
+    term at real sizes (GPT-2's diag working memory came out 250x too large).
+    """
+
+    def __init__(self, sym: SymbolicCapture, granularity: int | None = None) -> None:
         self.sym = sym
         self.names = list(sym.symbols)
         degrees = [DEGREES.get(n, 3) for n in self.names]
         self.grid = [dict(zip(self.names, p)) for p in itertools.product(*[range(2, d + 3) for d in degrees])]
-        monomials = list(itertools.product(*[range(d + 1) for d in degrees]))
-        basis = sympy.Matrix([[sympy.Mul(*(point[n] ** e for n, e in zip(self.names, m))) for m in monomials]
-                              for point in self.grid])
-        self.inverse = basis.inv()
+        self.granularity = granularity if granularity is not None else _allocation_granularity(sym)
         symbols = [sym.symbols[n] for n in self.names]
-        self.terms = [sympy.Mul(*(s**e for s, e in zip(symbols, m))) for m in monomials]
+        candidates = sorted(itertools.product(*[range(d + 1) for d in degrees]), key=lambda c: (sum(c), c))
+        self.fits = [_LeastSquares(self.grid, self.names, symbols, c) for c in candidates]
         self.cache: dict[tuple, tuple[sympy.Expr, list[sympy.Expr]]] = {}
 
-    def fit(self, values: list[int]) -> sympy.Expr:
-        coefficients = self.inverse * sympy.Matrix(values)
-        return sympy.expand(sum(c * t for c, t in zip(coefficients, self.terms)))
+    def fit(self, values: list[int], tolerance: int = 0) -> sympy.Expr:
+        """The lowest-degree polynomial within ``tolerance`` of ``values`` at every grid point."""
+        for candidate in self.fits:
+            expr = candidate.within(values, tolerance)
+            if expr is not None:
+                return expr
+        raise AssertionError("the full-degree fit interpolates every grid exactly")
+
+    def fit_bytes(self, values: list[int]) -> sympy.Expr:
+        """A byte series, to within the allocator's rounding (a few allocations' worth)."""
+        return self.fit(values, BYTES_TOLERANCE_ALLOCATIONS * (self.granularity - 1))
 
     def fill(self, paired: PairedGraph, costs: list[NodeCost], exact: bool = True) -> bool:
         """Set ``flops`` and ``workspace`` of every node, profiling the graph only for unseen node keys.
@@ -385,9 +440,9 @@ class Interpolator:
                 flops = self.fit([run.flops.get(name, 0) for run in runs])
                 series = [run.points.get(name, []) for run in runs]
                 if len({len(s) for s in series}) == 1:
-                    points = [self.fit([s[k] for s in series]) for k in range(len(series[0]))]
+                    points = [self.fit_bytes([s[k] for s in series]) for k in range(len(series[0]))]
                 else:
-                    points = [self.fit([max(s, default=0) for s in series])]
+                    points = [self.fit_bytes([max(s, default=0) for s in series])]
                 self.cache[key] = (flops, undominated(points))
         for cost in costs:
             if keys.get(cost.name) in self.cache:
