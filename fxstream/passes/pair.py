@@ -21,6 +21,8 @@ from torch.fx.node import map_aggregate
 from ..errors import CaptureError, FxstreamError
 from ..rules import DEFAULT_RULE_OPTIONS, RULES, mean_only_nodes
 from ..rules.linearise import diag_to_full, full_to_diag
+from ..rules.region import elementwise_joins, region_covariance
+from ..rules.registry import ACTIVATION_STRUCTURES
 from .capture import CapturedGraph, module_path
 
 ROLE = "fxstream"
@@ -96,6 +98,7 @@ def pair(
     options = {**DEFAULT_RULE_OPTIONS, **(rule_options or {})}
     old = captured.graph_module.graph
     held_at_mean = mean_only_nodes(old, options)
+    joins = elementwise_joins(old)
     graph = torch.fx.Graph()
     root = torch.nn.Module()
     mean: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -151,6 +154,22 @@ def pair(
             _tag(cov[node], node, "getitem")
             continue
         out_structure = structure if node in data_dependent else _param_kind(uncertain, kind)
+        region = joins.get(node)
+        if region is not None and kind.get(region.source) in ACTIVATION_STRUCTURES:
+            name = f"fxstream_region_{node.name}"
+            root.add_module(name, region.function())
+            function = graph.get_attr(name)
+            _tag(function, node, "elementwise_region")
+            if out_structure == "full" and batch is None and first_input is not None:
+                batch = graph.call_function(torch.ops.aten.sym_size.int, (first_input, 0))
+            cov[node] = graph.call_function(
+                region_covariance,
+                ((function, mean[region.source]), {}, (None, cov[region.source]), {}, (None, kind[region.source]),
+                 {}, new, out_structure, options, batch if out_structure == "full" else None),
+            )
+            _tag(cov[node], node, "elementwise_region")
+            kind[node] = out_structure
+            continue
         rule = RULES.get(node.target)
         covs = map_aggregate(node.args, lambda a: cov.get(a) if isinstance(a, torch.fx.Node) else None)
         kw_covs = map_aggregate(dict(node.kwargs), lambda a: cov.get(a) if isinstance(a, torch.fx.Node) else None)

@@ -188,9 +188,9 @@ def node_costs(sym: SymbolicCapture, paired: PairedGraph) -> list[NodeCost]:
             costs.append(NodeCost(node.name, "mean", node.name, "", "", nbytes, alias, static, reads, module=module))
             continue
         rule = info.get("rule", "")
-        if node.op == "get_attr":
+        if node.op == "get_attr":  # posterior buffers, or a region's function (no bytes)
             tensor = getattr(paired.graph_module, node.target)
-            nbytes = sympy.Integer(tensor.numel() * tensor.element_size())
+            nbytes = sympy.Integer(tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0)
             kinds[node.name] = "param"
             costs.append(NodeCost(node.name, "cov", info.get("of", ""), rule, "param", nbytes, None, True, reads,
                                   module=module))
