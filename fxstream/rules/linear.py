@@ -24,8 +24,8 @@ from .weights import (
     as_tensors,
     bias_covariance,
     bias_variance,
-    matmul_into,
     plus,
+    squared_matmul_into,
     transposed,
     weight_diag,
     weight_full,
@@ -59,7 +59,7 @@ def affine_diag(x: torch.Tensor, vx: torch.Tensor | None, w: torch.Tensor, weigh
     if weight is not None:
         var = weight_diag(*weight, x, vx if second_order else None, var)
     if vx is not None:
-        var = matmul_into(var, vx, w.square().t())
+        var = squared_matmul_into(var, vx, w)
     return var
 
 

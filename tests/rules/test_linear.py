@@ -61,3 +61,12 @@ def test_bfloat16_variance_matmul_stays_within_a_percent_of_exact() -> None:
     reduced = variance("bfloat16")
     relative = ((reduced - exact).abs() / exact).max()
     assert 0 < relative < 1e-2
+
+
+@pytest.mark.parametrize("sample", [s for s in SAMPLES if s.op is not aten.bmm.default], ids=lambda s: s.id)
+def test_weights_squared_block_by_block_give_the_same_moments(sample: Sample, monkeypatch) -> None:
+    """A large weight's square is formed a few output rows at a time (never whole); the moments must not change."""
+    from fxstream.rules import weights
+
+    monkeypatch.setattr(weights, "SQUARED_BLOCK_ELEMENTS", 8)  # 2 rows of a 4-wide weight per block
+    check_sample(sample, "diag")
