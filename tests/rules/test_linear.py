@@ -70,3 +70,18 @@ def test_weights_squared_block_by_block_give_the_same_moments(sample: Sample, mo
 
     monkeypatch.setattr(weights, "SQUARED_BLOCK_ELEMENTS", 8)  # 2 rows of a 4-wide weight per block
     check_sample(sample, "diag")
+
+
+def test_weights_squared_block_by_block_when_traced_for_a_cpu(monkeypatch) -> None:
+    """Inductor traces the rule with fake tensors; on a CPU the blocks must survive tracing and stay exact."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fxstream.rules import weights
+
+    monkeypatch.setattr(weights, "SQUARED_BLOCK_ELEMENTS", 8)
+    g = torch.Generator().manual_seed(0)
+    into, a, weight = torch.rand(3, 5, generator=g), torch.rand(3, 4, generator=g), torch.randn(5, 4, generator=g)
+    traced = make_fx(weights.squared_matmul_into, tracing_mode="fake")(into, a, weight)
+    squares = [n for n in traced.graph.nodes if n.target in (aten.square.default, aten.pow.Tensor_Scalar)]
+    assert len(squares) == 3  # rows 0-1, 2-3, 4
+    torch.testing.assert_close(traced(into, a, weight), into + a @ weight.square().t())
