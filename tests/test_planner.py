@@ -266,3 +266,16 @@ def test_kfac_posterior_layers_choose_between_none_diag_and_kfac() -> None:
     assert measured <= rich.total_at() * 1.15
     small = choose(planner, rich.total_at() - 1, {"batch": 16})
     assert small.fidelity <= rich.fidelity and small.total_at() < rich.total_at()
+
+
+def test_sequence_limit_is_capped_by_the_models_position_table() -> None:
+    """A generous budget would allow long sequences; GPT-2's position table (128 here) allows no more."""
+    from fxstream.planner.targets import load
+
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    target = load("gpt2")
+    plan = fxstream.plan(target.model, target.args, _posterior(target.model, 1e-3), budget="1GiB",
+                         sizes={"batch": 2, "seq": 16}, dims=target.dims, activation_cov=("diag",))
+    assert plan.limits["seq"] == target.model.config.n_positions == 128
+    assert plan.limits["batch"] > 2

@@ -105,7 +105,12 @@ class LayerRow:
 
 @dataclass
 class Plan:
-    """A chosen plan: per-layer rows, the activation structure, totals and formulas."""
+    """A chosen plan: per-layer rows, the activation structure, totals and formulas.
+
+    ``limits``: per size, the largest value (the others as planned) that fits the
+    budget and the model (a transformers model's position table caps ``seq``);
+    None when no budget bound exists.
+    """
 
     activation_cov: str
     layers: list[LayerRow]
@@ -173,7 +178,7 @@ class Plan:
             ["total (static + peak)", f"{format_bytes(self.total_at())} = {self.total_bytes}"],
             ["FLOPs", f"{self.report.evaluate(self.flops, sizes):.4g} = {self.flops}"],
             ["fidelity (measured)", f"{self.fidelity:.3f} (1 - mean relative variance error vs {self.reference})"],
-            ["limits for the budget", limits or "-"],
+            ["limits (budget and model)", limits or "-"],
         ], tablefmt="plain")
         return f"{layers}\n\n{totals}"
 
@@ -400,7 +405,7 @@ def choose(planner: Planner, budget: int | str, sizes: Mapping[str, int] | None 
     posterior = planner.subset(choice)
     rows = _rows(planner, choice, structure, report)
     plan = Plan(structure, rows, dict(sizes), budget, fidelity, report, posterior,
-                limits=_limits(report, budget, sizes), reference=planner.reference)
+                limits=_limits(report, budget, sizes, model_bounds(planner.model)), reference=planner.reference)
     return plan
 
 
@@ -434,9 +439,24 @@ def _rows(planner: Planner, choice: Choice, structure: str, report: CostReport) 
     return rows
 
 
-def _limits(report: CostReport, budget: int, sizes: Mapping[str, int]) -> dict[str, int | None]:
-    """The largest value of each size (others as given) whose total still fits the budget."""
-    return {name: largest_fitting(report, budget, sizes, name) for name in report.symbols}
+def _limits(report: CostReport, budget: int, sizes: Mapping[str, int],
+            bounds: Mapping[str, int]) -> dict[str, int | None]:
+    """The largest value of each size (others as given) whose total still fits the budget and the model."""
+    limits = {name: largest_fitting(report, budget, sizes, name) for name in report.symbols}
+    for name, bound in bounds.items():
+        if name in limits:
+            limits[name] = bound if limits[name] is None else min(limits[name], bound)
+    return limits
+
+
+def model_bounds(model: torch.nn.Module) -> dict[str, int]:
+    """Sizes the model itself caps: a transformers model's sequence at its position table."""
+    config = getattr(model, "config", None)
+    for field_name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, field_name, None)
+        if isinstance(value, int) and value > 0:
+            return {"seq": value}
+    return {}
 
 
 def largest_fitting(report: CostReport, budget: int, sizes: Mapping[str, int], name: str,
