@@ -279,3 +279,14 @@ def test_sequence_limit_is_capped_by_the_models_position_table() -> None:
                          sizes={"batch": 2, "seq": 16}, dims=target.dims, activation_cov=("diag",))
     assert plan.limits["seq"] == target.model.config.n_positions == 128
     assert plan.limits["batch"] > 2
+
+
+def test_fidelity_sees_a_layer_with_a_tiny_share_of_the_reference() -> None:
+    """fidelity = 1 - mean relative variance error; a 1e-12 share must not round to no gain at all."""
+    from fxstream.planner.plan import _fidelity
+
+    reference = torch.tensor([4.0, 2.0, 1.0, 0.0])
+    estimate = torch.tensor([3.0, 3.0, 1.0, 5.0])
+    assert _fidelity(estimate, reference) == pytest.approx(1 - (0.25 + 0.5 + 0.0) / 3)
+    assert _fidelity(reference * 1e-12, reference) == pytest.approx(1e-12, rel=1e-6)
+    assert _fidelity(reference * 3, reference) == 0.0
