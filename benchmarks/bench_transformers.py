@@ -129,6 +129,10 @@ def measure(name: str, backend: str, modes: list[str], args) -> dict[str, dict]:
                                       synchronize=synchronize)
     for mode, value in seconds.items():
         results[mode]["time_s"] = value
+    del calls, model, x
+    torch._dynamo.reset()  # compiled graphs hold their posterior buffers: free them before the next model
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     return results
 
 
