@@ -126,7 +126,7 @@ class Prepared:
         for i, value in enumerate(self.leaves_all):
             if isinstance(value, Uncertain):
                 var = value.scale * rand(*value.mean.shape, seed=seed + 10 * i + 1)
-                cov = _random_cov(value.mean, value.scale, seed + 10 * i + 2) if value.role == "act" else var
+                cov = random_cov(value.mean, value.scale, seed + 10 * i + 2) if value.role == "act" else var
                 self.leaves.append(Leaf(i, value, var, cov))
         self.means = [leaf.unc.mean for leaf in self.leaves]
         self.out = self.fn(*self.means)
@@ -241,7 +241,7 @@ class Prepared:
         return [sq / samples - (t / samples).square() for t, sq in zip(total, square)]
 
 
-def _random_cov(mean: torch.Tensor, scale: float, seed: int) -> torch.Tensor:
+def random_cov(mean: torch.Tensor, scale: float, seed: int) -> torch.Tensor:
     """A random SPD per-sample covariance (B, N, N) with diagonal of order ``scale``."""
     batch, n = mean.shape[0], mean[0].numel()
     a = randn(batch, n, n, seed=seed) / n**0.5

@@ -109,6 +109,15 @@ def pair(
     first_input: torch.fx.Node | None = None
     batch: torch.fx.Node | None = None  # the input's leading size, made once for full-structure rules
 
+    def batch_for(out_structure: str) -> torch.fx.Node | None:
+        """The input's leading size, which full-structure rules take (made once, where first needed)."""
+        nonlocal batch
+        if out_structure != "full":
+            return None
+        if batch is None and first_input is not None:
+            batch = graph.call_function(torch.ops.aten.sym_size.int, (first_input, 0))
+        return batch
+
     def buffer(tensor: torch.Tensor) -> torch.fx.Node:
         name = f"fxstream_cov_{len(root._buffers)}"
         root.register_buffer(name, tensor)
@@ -160,12 +169,10 @@ def pair(
             root.add_module(name, region.function())
             function = graph.get_attr(name)
             _tag(function, node, "elementwise_region")
-            if out_structure == "full" and batch is None and first_input is not None:
-                batch = graph.call_function(torch.ops.aten.sym_size.int, (first_input, 0))
             cov[node] = graph.call_function(
                 region_covariance,
                 ((function, mean[region.source]), {}, (None, cov[region.source]), {}, (None, kind[region.source]),
-                 {}, new, out_structure, options, batch if out_structure == "full" else None),
+                 {}, new, out_structure, options, batch_for(out_structure)),
             )
             _tag(cov[node], node, "elementwise_region")
             kind[node] = out_structure
@@ -179,12 +186,9 @@ def pair(
         kwargs = map_aggregate(dict(node.kwargs), lambda a: mean[a] if isinstance(a, torch.fx.Node) else a)
         problem = _rule_problem(rule, out_structure, uncertain, kind)
         if problem is None:
-            if out_structure == "full" and batch is None and first_input is not None:
-                batch = graph.call_function(torch.ops.aten.sym_size.int, (first_input, 0))
             cov_node = graph.call_function(
                 rule.graph_target,
-                (args, kwargs, covs, kw_covs, kinds, kw_kinds, new, out_structure, options,
-                 batch if out_structure == "full" else None),
+                (args, kwargs, covs, kw_covs, kinds, kw_kinds, new, out_structure, options, batch_for(out_structure)),
             )
             _tag(cov_node, node, rule.name)
         else:

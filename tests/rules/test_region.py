@@ -10,8 +10,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxstream
 from fxstream.rules.region import elementwise_joins, region_covariance
-
-DTYPE = torch.float64
+from harness import DTYPE, randn, random_cov
 
 
 def new_gelu(x):
@@ -42,21 +41,13 @@ def _last_join(fn, x):
     return joins.get(output)
 
 
-def _covariance(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """A random per-sample covariance (B, N, N) of x's non-batch elements."""
-    generator = torch.Generator().manual_seed(seed)
-    n = x[0].numel()
-    factor = torch.randn(x.shape[0], n, n, generator=generator, dtype=DTYPE) / n
-    return 0.01 * factor @ factor.transpose(1, 2)
-
-
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("structure", ["diag", "full"])
 def test_region_equals_the_linearisation_of_the_whole_function(fn, structure: str) -> None:
-    x = 1.5 * torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    x = 1.5 * randn(2, 3, 4)
     region = _last_join(fn, x)
     assert region is not None, "the rejoining op was not recognised"
-    full = _covariance(x, seed=1)
+    full = random_cov(x, 0.01, seed=1)
     cov = full if structure == "full" else torch.diagonal(full, dim1=1, dim2=2).reshape(x.shape)
     got = region_covariance((region.function(), x), {}, (None, cov), {}, (None, structure), {}, fn(x), structure)
     per_sample = [torch.func.jacrev(fn)(x[b]).reshape(x[b].numel(), -1) for b in range(x.shape[0])]
@@ -88,7 +79,7 @@ class _HandWrittenGelu(torch.nn.Module):
 def test_streamlined_hand_written_gelu_equals_linearised_predictive(structure: str) -> None:
     torch.manual_seed(0)
     model = _HandWrittenGelu().to(DTYPE).eval()
-    x = torch.randn(16, 6, dtype=DTYPE)
+    x = randn(16, 6)
     variance = 1e-5
     posterior = fxstream.Diagonal({"linear.weight": torch.full_like(model.linear.weight, variance)})
     predictive = fxstream.streamline(model, posterior, activation_cov=structure)(x)
