@@ -24,11 +24,14 @@ from .weights import (
     as_tensors,
     bias_covariance,
     bias_variance,
+    by_output_blocks,
+    matmul_into,
     plus,
-    squared_matmul_into,
+    squared,
     transposed,
     weight_diag,
     weight_full,
+    weight_by_rows,
 )
 
 aten = torch.ops.aten
@@ -54,13 +57,23 @@ def affine_diag(x: torch.Tensor, vx: torch.Tensor | None, w: torch.Tensor, weigh
     """``into`` plus the variances of x @ w^T: input term s @ (M^2)^T plus the weight posterior's term.
 
     The weight term meets E[x x^T] (``second_order``) or only m m^T (first order).
+    Both GEMMs run a block of output rows at a time for a large w (see ``by_output_blocks``).
     """
-    var = into
-    if weight is not None:
-        var = weight_diag(*weight, x, vx if second_order else None, var)
-    if vx is not None:
-        var = squared_matmul_into(var, vx, w)
-    return var
+    moments = vx if second_order else None
+    weight_term = None if weight is None else weight_by_rows(*weight, x, moments)
+    if weight is not None and weight_term is None:
+        into = weight_diag(*weight, x, moments, into)
+    if weight_term is None and vx is None:
+        return into
+
+    def rows_variance(var: torch.Tensor | None, rows: slice) -> torch.Tensor:
+        if weight_term is not None:
+            var = weight_term(var, rows)
+        if vx is not None:
+            var = matmul_into(var, vx, squared(w[rows]).t())
+        return var
+
+    return by_output_blocks(into, rows_variance, w, x)
 
 
 def affine_full(x: torch.Tensor, vx: torch.Tensor | None, w: torch.Tensor, weight: Param, batch: int,

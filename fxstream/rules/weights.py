@@ -85,31 +85,38 @@ def matmul_into(into: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> 
     return torch.addmm(into, a.reshape(-1, a.shape[-1]), b).reshape(*lead, b.shape[1])
 
 
-SQUARED_BLOCK_ELEMENTS = 2**22
-"""Largest block of a weight that :func:`squared_matmul_into` squares at once (16 MiB in float32)."""
+OUTPUT_BLOCK_ELEMENTS = 2**20
+"""Weight elements per block of output rows in :func:`by_output_blocks` (4 MiB in float32)."""
 
 
-def squared_matmul_into(into: torch.Tensor | None, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """into + a @ (w^2)^T for a weight w (Dout, Din): the input-variance term of a linear layer.
+def by_output_blocks(into: torch.Tensor | None, term: Callable, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``term(into, rows)`` for every output row of a weight w (Dout, Din) meeting input rows x.
 
-    w^2 is as large as the weight (GPT-2's 50k-vocabulary head: 154 MB in
-    float32; a 128k-token head of width 4096: 2 GiB). The weight is squared a
-    block of output rows at a time, so w^2 never exists whole and each block is
-    still in cache when its GEMM reads it: eagerly, and when Inductor traces it
-    for a CPU (GPT-2's per-call peak there: 184 -> 53 MiB). Traced
-    for a GPU it stays one product, as in the GPU timings the docs quote
-    (blocking there is unmeasured).
+    A layer with many outputs (GPT-2's 50k-vocabulary head) gets its variance
+    GEMMs a block of output rows at a time: each block of w^2 is formed while
+    in cache and used there, w^2 never exists whole (154 MB for that head), and
+    the GEMMs run faster on the blocks than whole (single-threaded CPU, the
+    head's input term: 141 -> 71 ms at 2**20-element blocks, against 2**22).
+    Eagerly, and when Inductor traces for a CPU; traced for a GPU it stays one
+    product. ``term(into, rows)`` returns ``into`` (None: nothing) plus the
+    variances of output rows ``rows`` (a slice).
     """
-    rows = max(1, SQUARED_BLOCK_ELEMENTS // max(1, w.shape[1]))
+    rows = max(1, OUTPUT_BLOCK_ELEMENTS // max(1, w[0].numel()))
     traced = type(w) not in (torch.Tensor, torch.nn.Parameter)
-    if w.shape[0] <= rows or (traced and w.device.type != "cpu") or a.dim() < 2:
-        return matmul_into(into, a, w.square().t())
-    lead = torch.broadcast_shapes(a.shape[:-1], into.shape[:-1]) if into is not None else a.shape[:-1]
-    out = a.new_empty(*lead, w.shape[0])
+    if w.shape[0] <= rows or (traced and w.device.type != "cpu") or x.dim() < 2:
+        return term(into, slice(None))
+    lead = torch.broadcast_shapes(x.shape[:-1], into.shape[:-1]) if into is not None else x.shape[:-1]
+    out = x.new_empty(*lead, w.shape[0])
     for start in range(0, w.shape[0], rows):
         block = slice(start, start + rows)
-        out[..., block] = matmul_into(None if into is None else into[..., block], a, w[block].square().t())
+        out[..., block] = term(None if into is None else into[..., block], block)
     return out
+
+
+def squared(w: torch.Tensor) -> torch.Tensor:
+    """w^2, squared in the variance GEMMs' reduced dtype when one is set (half the bytes written)."""
+    reduced = VARIANCE_MATMUL_DTYPE.get()
+    return (w if reduced is None else w.to(reduced)).square()
 
 
 # --- param_diag -------------------------------------------------------------
@@ -119,9 +126,14 @@ def second_moment(x: torch.Tensor, vx: torch.Tensor | None) -> torch.Tensor:
     return x.square() if vx is None else x.square() + vx
 
 
-def _diag_diag(tensors: Tensors, x, vx, into=None):
+def _diag_by_rows(tensors: Tensors, x, vx):
     v = _matrix(tensors[0], tensors[0].shape[0])
-    return matmul_into(into, second_moment(x, vx), v.t())
+    moments = second_moment(x, vx)
+    return lambda into, rows: matmul_into(into, moments, v[rows].t())
+
+
+def _diag_diag(tensors: Tensors, x, vx, into=None):
+    return _diag_by_rows(tensors, x, vx)(into, slice(None))
 
 
 def _diag_full(tensors: Tensors, x, s):
@@ -271,6 +283,9 @@ class WeightStructure:
     variance of each weight entry; ``transpose(tensors)`` -> the tensors of
     the transposed (Din, Dout) parameter, for ``x @ P`` with P stored that way
     (None: not available). ``affine``: the tensors cover [W | b].
+    ``by_rows(tensors, x, vx)`` -> ``term(into, rows)``, the weight term of
+    output rows ``rows`` (a slice) alone, for kinds whose term is a GEMM worth
+    doing a block of rows at a time (None: the term is done whole).
     """
 
     diag: Callable
@@ -278,10 +293,11 @@ class WeightStructure:
     marginal: Callable
     transpose: Callable[[Tensors], Tensors] | None
     affine: bool = False
+    by_rows: Callable | None = None
 
 
 WEIGHT_STRUCTURES: dict[str, WeightStructure] = {
-    "param_diag": WeightStructure(_diag_diag, _diag_full, _diag_marginal, _diag_transpose),
+    "param_diag": WeightStructure(_diag_diag, _diag_full, _diag_marginal, _diag_transpose, by_rows=_diag_by_rows),
     "param_kfac": WeightStructure(_kfac_diag, _kfac_full, _kfac_marginal, _kfac_transpose),
     "param_kfac_eig": WeightStructure(_eig_diag, _eig_full, _eig_marginal, _eig_transpose),
     "param_dense": WeightStructure(_dense_diag, _dense_full, _dense_marginal, _dense_transpose),
@@ -318,6 +334,12 @@ def weight_diag(kind: str, tensors: Tensors, x: torch.Tensor, vx: torch.Tensor |
     if structure.affine:
         x, vx = _augment(x, vx, full=False)
     return structure.diag(tensors, x, vx, into)
+
+
+def weight_by_rows(kind: str, tensors: Tensors, x: torch.Tensor, vx: torch.Tensor | None) -> Callable | None:
+    """``term(into, rows)``: the weight term of a block of output rows (None: the kind has no such split)."""
+    structure = _structure(kind)
+    return None if structure.by_rows is None else structure.by_rows(tensors, x, vx)
 
 
 def weight_full(kind: str, tensors: Tensors, x: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:

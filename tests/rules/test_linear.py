@@ -64,24 +64,30 @@ def test_bfloat16_variance_matmul_stays_within_a_percent_of_exact() -> None:
 
 
 @pytest.mark.parametrize("sample", [s for s in SAMPLES if s.op is not aten.bmm.default], ids=lambda s: s.id)
-def test_weights_squared_block_by_block_give_the_same_moments(sample: Sample, monkeypatch) -> None:
-    """A large weight's square is formed a few output rows at a time (never whole); the moments must not change."""
+def test_variance_gemms_block_by_block_give_the_same_moments(sample: Sample, monkeypatch) -> None:
+    """A large layer's variance GEMMs run a few output rows at a time; the moments must not change."""
     from fxstream.rules import weights
 
-    monkeypatch.setattr(weights, "SQUARED_BLOCK_ELEMENTS", 8)  # 2 rows of a 4-wide weight per block
+    monkeypatch.setattr(weights, "OUTPUT_BLOCK_ELEMENTS", 8)  # 2 rows of a 4-wide weight per block
     check_sample(sample, "diag")
 
 
-def test_weights_squared_block_by_block_when_traced_for_a_cpu(monkeypatch) -> None:
+def test_variance_gemms_block_by_block_when_traced_for_a_cpu(monkeypatch) -> None:
     """Inductor traces the rule with fake tensors; on a CPU the blocks must survive tracing and stay exact."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from fxstream.rules import weights
+    from fxstream.rules.linear import affine_diag
 
-    monkeypatch.setattr(weights, "SQUARED_BLOCK_ELEMENTS", 8)
+    monkeypatch.setattr(weights, "OUTPUT_BLOCK_ELEMENTS", 8)
     g = torch.Generator().manual_seed(0)
-    into, a, weight = torch.rand(3, 5, generator=g), torch.rand(3, 4, generator=g), torch.randn(5, 4, generator=g)
-    traced = make_fx(weights.squared_matmul_into, tracing_mode="fake")(into, a, weight)
+    x, vx, w, vw = (torch.rand(3, 4, generator=g), torch.rand(3, 4, generator=g), torch.randn(5, 4, generator=g),
+                    torch.rand(5, 4, generator=g))
+
+    def variance(x, vx, w, vw):
+        return affine_diag(x, vx, w, ("param_diag", (vw,)))
+
+    traced = make_fx(variance, tracing_mode="fake")(x, vx, w, vw)
     squares = [n for n in traced.graph.nodes if n.target in (aten.square.default, aten.pow.Tensor_Scalar)]
-    assert len(squares) == 3  # rows 0-1, 2-3, 4
-    torch.testing.assert_close(traced(into, a, weight), into + a @ weight.square().t())
+    assert len(squares) == 4  # x once, then the rows 0-1, 2-3, 4 of w
+    torch.testing.assert_close(traced(x, vx, w, vw), vx @ w.square().t() + (x.square() + vx) @ vw.t())
