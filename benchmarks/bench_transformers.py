@@ -168,6 +168,7 @@ def accuracy(samples: int, models: list[str]) -> str:
     settings = [
         ("paper rules", {}, False),
         ("norm=linearised", {"norm": "linearised"}, False),
+        ("residual=linearised", {"residual": "linearised"}, False),
         ("full activations, norm=linearised", {"activation_cov": "full", "norm": "linearised"}, False),
         ("paper rules, Q/K sampled too", {}, True),
         ("attention=linearised, Q/K sampled", {"attention": "linearised", "norm": "linearised"}, True),

@@ -87,6 +87,7 @@ def streamline(
     activation_cov: Literal["diag", "full"] = "diag",
     attention: Literal["paper", "linearised"] = "paper",
     norm: Literal["paper", "linearised"] = "paper",
+    residual: Literal["paper", "linearised"] = "paper",
     variance_matmul: Literal["exact", "bfloat16"] = "exact",
     products: Literal["moments", "linearised"] = "moments",
     backend: Literal["inductor", "eager"] = "inductor",
@@ -111,6 +112,11 @@ def streamline(
             through the softmax linearised at the mean.
         norm: "paper" holds layer/RMS norm statistics at their values for the mean input;
             "linearised" uses the norm's full Jacobian at the mean, through its statistics.
+        residual: "paper" treats the two operands of a residual add as independent;
+            "linearised" adds their covariance 2 v_h * diag(J_f) (first order) wherever the
+            branch f is elementwise ops around at most two linear maps (MLP and gated-MLP
+            branches; attention branches stay independent). Trained branches partly cancel
+            what they receive, which "paper" misses: see docs/transformers.md.
         variance_matmul: "exact" runs the variance GEMMs of linear layers in the model's dtype;
             "bfloat16" rounds their operands to bfloat16 (tensor cores on a GPU; about 0.4%
             relative error in the variances). Worth it where such a GEMM is as large as the
@@ -147,8 +153,8 @@ def streamline(
         input_var=input_var,
         input_cov=input_cov,
         activation_cov=activation_cov,
-        rule_options={"attention": attention, "norm": norm, "variance_matmul": variance_matmul,
-                      "products": products},
+        rule_options={"attention": attention, "norm": norm, "residual": residual,
+                      "variance_matmul": variance_matmul, "products": products},
         backend=backend,
     )
     options.check()

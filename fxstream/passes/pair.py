@@ -22,6 +22,7 @@ from ..errors import CaptureError, FxstreamError
 from ..rules import DEFAULT_RULE_OPTIONS, RULES, mean_only_nodes
 from ..rules.linearise import diag_to_full, full_to_diag
 from ..rules.region import elementwise_joins, region_covariance
+from ..rules.residual import residual_covariance, residual_joins
 from ..rules.registry import ACTIVATION_STRUCTURES
 from .capture import CapturedGraph, module_path
 
@@ -99,6 +100,7 @@ def pair(
     old = captured.graph_module.graph
     held_at_mean = mean_only_nodes(old, options)
     joins = elementwise_joins(old)
+    residuals = residual_joins(old, held_at_mean, options["norm"]) if options["residual"] == "linearised" else {}
     graph = torch.fx.Graph()
     root = torch.nn.Module()
     mean: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -191,6 +193,17 @@ def pair(
                 (args, kwargs, covs, kw_covs, kinds, kw_kinds, new, out_structure, options, batch_for(out_structure)),
             )
             _tag(cov_node, node, rule.name)
+            residual = residuals.get(node)
+            if residual is not None and kind.get(residual.fork) == "diag" and out_structure == "diag":
+                name = f"fxstream_residual_{node.name}"
+                root.add_module(name, residual.branch)
+                branch = graph.get_attr(name)
+                _tag(branch, node, "residual_join")
+                cov_node = graph.call_function(
+                    residual_covariance,
+                    (branch, tuple(mean[n] for n in residual.inputs), cov[residual.fork], cov_node, residual.sign),
+                )
+                _tag(cov_node, node, "residual_join")
         else:
             cov_node = graph.call_function(unsupported, (new,))
             _tag(cov_node, node, "unsupported")

@@ -50,7 +50,7 @@ def batch_norm(call: RuleCall) -> torch.Tensor:
     return torch.broadcast_to(var, call.out.shape)
 
 
-def _layer_statistics(x: torch.Tensor, dims: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_statistics(x: torch.Tensor, dims: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and 1 / sqrt(biased variance + eps) over the last ``dims`` dimensions, as layer_norm uses."""
     reduced = tuple(range(-dims, 0))
     mu = x.mean(reduced, keepdim=True)
@@ -87,7 +87,7 @@ def layer_norm(call: RuleCall) -> torch.Tensor:
     x, shape, gamma = call.arg(0), call.arg(1), call.arg(2)
     eps, dims = call.arg(4), len(call.arg(1))
     linearised = call.options["norm"] == "linearised"
-    mu, inv_std = _layer_statistics(x, dims, eps)
+    mu, inv_std = layer_statistics(x, dims, eps)
     if call.structure == "full":
         return _layer_norm_full(call, mu, inv_std, linearised)
     xhat = (x - mu) * inv_std

@@ -29,6 +29,10 @@ RULE_OPTIONS: dict[str, tuple[str, ...]] = {
     # "paper": normalisation statistics from the mean input, held constant;
     # "linearised": the full Jacobian of the norm at the mean, through its statistics.
     "norm": ("paper", "linearised"),
+    # "paper": a residual add treats its skip path and branch as independent; "linearised": it
+    # adds their covariance 2 v_h * diag(J_f), for branches whose Jacobian diagonal the forms in
+    # fxstream.rules.residual carry (MLP branches; attention branches stay independent).
+    "residual": ("paper", "linearised"),
     # "exact": the variance GEMMs of linear layers in the model's dtype; "bfloat16": their
     # operands rounded to bfloat16 (tensor cores on a GPU), about 0.4% relative error in the
     # variances, for outputs such as a 50k-vocabulary head where that GEMM is as large as the mean's.
