@@ -4,7 +4,8 @@ Models: GPT-2-small (12 blocks, d=768, vocab 50257) and ViT-B/16 (224x224, 12
 blocks, d=768) with random weights, from `transformers` configs. Rows:
 deterministic forward, fxstream with every linear layer Bayesian (diagonal),
 fxstream with only the last 2 blocks Bayesian (each also with
-``variance_matmul="bfloat16"``: the variance GEMMs on bfloat16 operands), and
+``variance_matmul="bfloat16"``: the variance GEMMs on bfloat16 operands; the
+last also with ``residual="linearised"``: the MLP branches' skip covariance), and
 Monte Carlo with 10 weight samples, each on the eager and the Inductor backend.
 
 Time: the rows of one model and backend are built and compiled first, then
@@ -35,7 +36,7 @@ from fxstream.planner.measure import profiler_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("deterministic", "fxstream all linear", "fxstream last 2 blocks", "fxstream all linear, bf16 var GEMMs",
-         "fxstream last 2 blocks, bf16 var GEMMs", "MC-10")
+         "fxstream last 2 blocks, bf16 var GEMMs", "fxstream last 2 blocks, residual=linearised", "MC-10")
 
 
 def build(name: str, batch: int, seq: int, device: str = "cpu"):
@@ -88,7 +89,9 @@ def runner(model, x, mode: str, backend: str):
     exclude = [] if every_linear else ["*norm*", "*ln_*", "*.bias"]
     posterior = select(model, include=include, exclude=exclude, variance=1e-6)
     variance_matmul = "bfloat16" if mode.endswith("bf16 var GEMMs") else "exact"
-    streamlined = fxstream.streamline(model, posterior, backend=backend, variance_matmul=variance_matmul)
+    residual = "linearised" if mode.endswith("residual=linearised") else "paper"
+    streamlined = fxstream.streamline(model, posterior, backend=backend, variance_matmul=variance_matmul,
+                                      residual=residual)
     return lambda: streamlined(x)
 
 

@@ -13,7 +13,8 @@ shape=(--batch "${BATCH:-8}" --seq "${SEQ:-256}" --repeats 20)
 {
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
   timeout "${INDUCTOR_SECONDS:-250}" python3 benchmarks/bench_transformers.py --device cuda --backends inductor \
-    "${shape[@]}" --out "$out/transformers_gpu_inductor.md"
+    --modes deterministic "fxstream all linear" "fxstream last 2 blocks" "fxstream all linear, bf16 var GEMMs" \
+    "fxstream last 2 blocks, bf16 var GEMMs" MC-10 "${shape[@]}" --out "$out/transformers_gpu_inductor.md"
   timeout "${PLANNER_SECONDS:-80}" python3 benchmarks/bench_planner.py --device cuda --out "$out/planner_gpu.md"
   timeout "${EAGER_SECONDS:-60}" python3 benchmarks/bench_transformers.py --device cuda --backends eager \
     --modes deterministic "fxstream all linear" "fxstream last 2 blocks" "${shape[@]}" \

@@ -64,7 +64,8 @@ def check(model, inputs: dict, pick, samples: int, max_median: float, posterior=
     assert (predictive.var[~resolved] <= 1e-6 * reference.max()).all()
     rel = ((predictive.var - reference).abs() / reference)[resolved]
     median, p90 = rel.median().item(), rel.quantile(0.9).item()
-    print(f"{type(model).__name__} {options or ''}: median {median:.3f}, p90 {p90:.3f}")
+    label = type(model).__name__ + "".join(f" {key}={value}" for key, value in options.items())
+    print(f"{label}: median {median:.3f}, p90 {p90:.3f}")
     assert median <= max_median, f"median relative variance error {median:.3f}, p90 {p90:.3f}"
 
 
