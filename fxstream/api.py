@@ -136,13 +136,15 @@ def streamline(
     """
     if model.training:
         raise FxstreamError("the model is in training mode; call model.eval() before streamline()")
+    rule_options = {"attention": attention, "norm": norm, "residual": residual,
+                    "variance_matmul": variance_matmul, "products": products}
     chosen = None
     if budget is not None:
         from .planner import plan
 
         if example_inputs is None or posterior is None:
             raise FxstreamError("budget= needs a posterior and example_inputs= (a typical call's inputs)")
-        chosen = plan(model, example_inputs, posterior, budget, sizes=sizes)
+        chosen = plan(model, example_inputs, posterior, budget, sizes=sizes, rule_options=rule_options)
         posterior, activation_cov = chosen.posterior, chosen.activation_cov
     if posterior is not None and isinstance(posterior, Posterior):
         posterior.validate(dict(model.named_parameters()))
@@ -153,8 +155,7 @@ def streamline(
         input_var=input_var,
         input_cov=input_cov,
         activation_cov=activation_cov,
-        rule_options={"attention": attention, "norm": norm, "residual": residual,
-                      "variance_matmul": variance_matmul, "products": products},
+        rule_options=rule_options,
         backend=backend,
     )
     options.check()

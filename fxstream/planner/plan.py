@@ -217,11 +217,12 @@ class Planner:
 
     def __init__(self, model: torch.nn.Module, args: tuple, posterior: Posterior, dims: Dims,
                  reference_budget: int = 2**30, progress: bool = False,
-                 structures: tuple[str, ...] = STRUCTURES) -> None:
+                 structures: tuple[str, ...] = STRUCTURES, rule_options: Mapping[str, str] | None = None) -> None:
         if not isinstance(posterior, Posterior):
             raise FxstreamError(f"the planner needs an fxstream posterior, got {type(posterior).__name__}")
         posterior.validate(dict(model.named_parameters()))
         self.model, self.args, self.posterior = model, args, posterior
+        self.rule_options = dict(rule_options or {})  # the graphs planned are the graphs that will run
         self.reference_budget = reference_budget
         self.diagonal = posterior if isinstance(posterior, Diagonal) else posterior.to_diagonal()
         self.progress = progress
@@ -256,7 +257,8 @@ class Planner:
 
     def paired(self, choice: Choice, structure: str) -> PairedGraph:
         options = StreamlineOptions(posterior=self.subset(choice), activation_cov=structure, model=self.model)
-        paired = pair(self.sym.captured, _sources(self.sym.captured, options), structure)
+        paired = pair(self.sym.captured, _sources(self.sym.captured, options), structure,
+                      rule_options=self.rule_options)
         prune(paired)
         return paired
 
@@ -503,7 +505,8 @@ def _infeasible(planner: Planner, chains, budget: int, sizes: Mapping[str, int])
 
 def plan(model: torch.nn.Module, example_args: tuple | torch.Tensor, posterior: Posterior, budget: int | str, *,
          sizes: Mapping[str, int] | None = None, dims: Dims | None = None,
-         activation_cov: tuple[str, ...] = STRUCTURES, progress: bool = False) -> Plan:
+         activation_cov: tuple[str, ...] = STRUCTURES, progress: bool = False,
+         rule_options: Mapping[str, str] | None = None) -> Plan:
     """Choose per layer the structure that maximises fidelity within ``budget`` at ``sizes``.
 
     Args:
@@ -516,8 +519,10 @@ def plan(model: torch.nn.Module, example_args: tuple | torch.Tensor, posterior: 
         dims: which input dimensions are which size (default: dim 0 of the first input is "batch").
         activation_cov: the activation structures to consider ("diag", "full").
         progress: show progress bars.
+        rule_options: the rule options the plan will run with (``attention=``, ``norm=``,
+            ``residual=``, ... of :func:`fxstream.streamline`): they change the graph and its memory.
     """
     args = example_args if isinstance(example_args, tuple) else (example_args,)
     planner = Planner(model, args, posterior, dims or {(0, 0): "batch"}, progress=progress,
-                      structures=activation_cov)
+                      structures=activation_cov, rule_options=rule_options)
     return choose(planner, budget, sizes)
