@@ -85,6 +85,8 @@ def matmul_into(into: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> 
     return torch.addmm(into, a.reshape(-1, a.shape[-1]), b).reshape(*lead, b.shape[1])
 
 
+BLOCKED_ABOVE_ELEMENTS = 2**22
+"""Weights larger than this (16 MiB in float32) get their variance GEMMs in blocks of output rows."""
 OUTPUT_BLOCK_ELEMENTS = 2**20
 """Weight elements per block of output rows in :func:`by_output_blocks` (4 MiB in float32)."""
 
@@ -92,18 +94,20 @@ OUTPUT_BLOCK_ELEMENTS = 2**20
 def by_output_blocks(into: torch.Tensor | None, term: Callable, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``term(into, rows)`` for every output row of a weight w (Dout, Din) meeting input rows x.
 
-    A layer with many outputs (GPT-2's 50k-vocabulary head) gets its variance
-    GEMMs a block of output rows at a time: each block of w^2 is formed while
-    in cache and used there, w^2 never exists whole (154 MB for that head), and
-    the GEMMs run faster on the blocks than whole (single-threaded CPU, the
-    head's input term: 141 -> 71 ms at 2**20-element blocks, against 2**22).
+    A weight of more than BLOCKED_ABOVE_ELEMENTS (GPT-2's 50k-vocabulary head)
+    gets its variance GEMMs a block of output rows at a time: each block of w^2
+    is formed while in cache and used there, w^2 never exists whole (154 MB for
+    that head), and the GEMMs run faster on the blocks than whole (single-
+    threaded CPU, the head's input term: 141 -> 71 ms at 2**20-element blocks,
+    against 2**22). Smaller layers stay whole: cut into a few blocks, their
+    GEMMs ran slower (GPT-2 all linear: 3.2x -> 3.6x the deterministic forward).
     Eagerly, and when Inductor traces for a CPU; traced for a GPU it stays one
     product. ``term(into, rows)`` returns ``into`` (None: nothing) plus the
     variances of output rows ``rows`` (a slice).
     """
     rows = max(1, OUTPUT_BLOCK_ELEMENTS // max(1, w[0].numel()))
     traced = type(w) not in (torch.Tensor, torch.nn.Parameter)
-    if w.shape[0] <= rows or (traced and w.device.type != "cpu") or x.dim() < 2:
+    if w.numel() <= BLOCKED_ABOVE_ELEMENTS or (traced and w.device.type != "cpu") or x.dim() < 2:
         return term(into, slice(None))
     lead = torch.broadcast_shapes(x.shape[:-1], into.shape[:-1]) if into is not None else x.shape[:-1]
     out = x.new_empty(*lead, w.shape[0])

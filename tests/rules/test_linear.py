@@ -68,6 +68,7 @@ def test_variance_gemms_block_by_block_give_the_same_moments(sample: Sample, mon
     """A large layer's variance GEMMs run a few output rows at a time; the moments must not change."""
     from fxstream.rules import weights
 
+    monkeypatch.setattr(weights, "BLOCKED_ABOVE_ELEMENTS", 0)
     monkeypatch.setattr(weights, "OUTPUT_BLOCK_ELEMENTS", 8)  # 2 rows of a 4-wide weight per block
     check_sample(sample, "diag")
 
@@ -79,6 +80,7 @@ def test_variance_gemms_block_by_block_when_traced_for_a_cpu(monkeypatch) -> Non
     from fxstream.rules import weights
     from fxstream.rules.linear import affine_diag
 
+    monkeypatch.setattr(weights, "BLOCKED_ABOVE_ELEMENTS", 0)
     monkeypatch.setattr(weights, "OUTPUT_BLOCK_ELEMENTS", 8)
     g = torch.Generator().manual_seed(0)
     x, vx, w, vw = (torch.rand(3, 4, generator=g), torch.rand(3, 4, generator=g), torch.randn(5, 4, generator=g),
