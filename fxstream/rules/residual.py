@@ -240,8 +240,8 @@ class ResidualJoin:
 def residual_joins(graph: torch.fx.Graph, held: set[torch.fx.Node], norm: str) -> dict[torch.fx.Node, ResidualJoin]:
     """Every add/sub of a tensor and a branch of it whose Jacobian diagonal the forms carry.
 
-    Each candidate is evaluated once on the graph's example values (fake
-    tensors from Dynamo) to find out whether its branch can be carried.
+    Each candidate is evaluated once, on meta tensors of its example values'
+    shapes, to find out whether its branch can be carried.
     """
     found = {}
     for node in graph.nodes:
@@ -277,6 +277,7 @@ def _branch(fork: torch.fx.Node, out: torch.fx.Node) -> list[torch.fx.Node] | No
 
 
 def _build(fork, nodes, held, norm, sign) -> ResidualJoin | None:
+    """The join of ``fork`` and the branch ``nodes``, None when the branch cannot be carried."""
     if fork.meta.get("val") is None or nodes[-1].meta.get("val") is None:
         return None
     if tuple(fork.meta["val"].shape) != tuple(nodes[-1].meta["val"].shape):
