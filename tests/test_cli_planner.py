@@ -90,3 +90,26 @@ def test_inspect_formats(tiny_target: Path) -> None:
     assert dot.returncode == 0 and dot.stdout.startswith("digraph fxstream")
     code = fxstream("inspect", "tiny_model:make", "--format", "code", "--activation-cov", "full", path=tiny_target)
     assert code.returncode == 0 and "cov_linear" in code.stdout and "def forward" in code.stdout
+
+
+def test_inspect_shows_the_graph_of_the_rule_options(tmp_path: Path) -> None:
+    """--residual linearised (like every rule option flag) changes the rewritten graph that is shown."""
+    (tmp_path / "residual_model.py").write_text(textwrap.dedent("""
+        import torch
+
+        class Block(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.up, self.down = torch.nn.Linear(6, 12), torch.nn.Linear(12, 6)
+
+            def forward(self, h):
+                return h + self.down(torch.tanh(self.up(h)))
+
+        def make():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Linear(6, 6), Block()), torch.randn(4, 6)
+    """))
+    plain = fxstream("inspect", "residual_model:make", path=tmp_path)
+    joined = fxstream("inspect", "residual_model:make", "--residual", "linearised", path=tmp_path)
+    assert plain.returncode == 0 and joined.returncode == 0, joined.stderr
+    assert "residual_join" not in plain.stdout and "residual_join" in joined.stdout

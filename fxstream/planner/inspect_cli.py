@@ -9,7 +9,7 @@ from ..errors import UnsupportedOpError
 from ..passes import pair, prune
 from ..passes.pair import ROLE, PairedGraph
 from .cost import _module
-from .plan_cli import add_target_arguments, load_posterior
+from .plan_cli import add_target_arguments, load_posterior, rule_options
 from .symbolic import capture_symbolic
 from .targets import load
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     posterior = load_posterior(target, args.posterior, args.variance)
     sym = capture_symbolic(target.model, target.args, target.dims)
     options = StreamlineOptions(posterior=posterior, activation_cov=args.activation_cov, model=target.model)
-    paired = pair(sym.captured, _sources(sym.captured, options), args.activation_cov)
+    paired = pair(sym.captured, _sources(sym.captured, options), args.activation_cov, rule_options=rule_options(args))
     before = {n.name: n.meta[ROLE] for n in paired.graph_module.graph.nodes
               if n.meta.get(ROLE, {}).get("role") == "cov"}
     try:

@@ -8,6 +8,7 @@ import torch
 
 from ..errors import FxstreamError
 from ..posterior import Diagonal
+from ..rules import RULE_OPTIONS
 from .plan import Planner, choose, parse_bytes
 from .targets import Target, available, load
 
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    """TARGET, --posterior and --variance, shared by plan and inspect."""
+    """TARGET, --posterior, --variance and the rule options, shared by plan and inspect."""
     parser.add_argument("target", metavar="TARGET",
                         help=f"a built-in model ({', '.join(available())}) or module:callable returning "
                              "(model, example_input)")
@@ -38,6 +39,14 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: every parameter with variance --variance")
     parser.add_argument("--variance", type=float, default=1e-3,
                         help="variance of every parameter when no --posterior is given (default 1e-3)")
+    for name, choices in RULE_OPTIONS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", choices=choices, default=choices[0],
+                            help=f"fxstream.streamline's {name}= (default {choices[0]})")
+
+
+def rule_options(args: argparse.Namespace) -> dict[str, str]:
+    """The rule options given on the command line."""
+    return {name: getattr(args, name) for name in RULE_OPTIONS}
 
 
 def _budget(text: str) -> int:
@@ -83,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         sizes["seq"] = args.seq
     posterior = load_posterior(target, args.posterior, args.variance)
     structures = ("diag", "full") if args.activation_cov == "auto" else (args.activation_cov,)
-    planner = Planner(target.model, target.args, posterior, target.dims, progress=True, structures=structures)
+    planner = Planner(target.model, target.args, posterior, target.dims, progress=True, structures=structures,
+                      rule_options=rule_options(args))
     chosen = choose(planner, args.budget, sizes)
     print(chosen.to_json() if args.format == "json" else chosen.table())
     return 0
