@@ -88,6 +88,9 @@ def test_minilm_bert():
     model = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
     inputs = dict(tokenizer(["a bayesian network predicts", "in one pass"], padding=True, return_tensors="pt"))
     check(model, inputs, Output("last_hidden_state"), samples=400, max_median=0.15)
+    # residual="linearised" is the diag-consistent completion of the add, not uniformly closer to
+    # Monte Carlo: here it raises the median (printed); guarded so that it stays bounded.
+    check(model, inputs, Output("last_hidden_state"), samples=400, max_median=0.2, residual="linearised")
 
 
 def test_smollm2_llama():
