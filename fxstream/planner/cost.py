@@ -299,7 +299,11 @@ class _Profile(torch.fx.Interpreter):
         return result
 
     def read_allocations(self, prof: torch.profiler.profile) -> None:
-        """Each node's in-node peak: the most bytes allocated at once inside its range, over what came before.
+        """Each node's running bytes after every allocator event inside its range, over what came before.
+
+        Its in-node peak is their max; the interpolator keeps every event that is the
+        peak at some grid size, since which one is can change with size (a constant
+        buffer that dominates small sizes, a size-scaled one that dominates large).
 
         The allocator's events see what tensors alone do not: scratch that kernels
         take and give back (oneDNN's convolution reorders its output from a
@@ -314,7 +318,7 @@ class _Profile(torch.fx.Interpreter):
             last = bisect.bisect_right(times, end)
             if first < last:
                 base = running[first - 1] if first else 0
-                self.points[name] = [max(running[first:last]) - base]
+                self.points[name] = [r - base for r in running[first:last]]
 
 
 def allocator_events(prof: torch.profiler.profile) -> tuple[list[tuple[int, int]], list[tuple[str, int, int]]]:
@@ -439,8 +443,9 @@ class Interpolator:
                     continue
                 flops = self.fit([run.flops.get(name, 0) for run in runs])
                 series = [run.points.get(name, []) for run in runs]
-                if len({len(s) for s in series}) == 1:
-                    points = [self.fit_bytes([s[k] for s in series]) for k in range(len(series[0]))]
+                if len({len(s) for s in series}) == 1 and series[0]:
+                    peaks = sorted({max(range(len(s)), key=s.__getitem__) for s in series})
+                    points = [self.fit_bytes([s[k] for s in series]) for k in peaks]
                 else:
                     points = [self.fit_bytes([max(s, default=0) for s in series])]
                 self.cache[key] = (flops, undominated(points))

@@ -306,21 +306,26 @@ def _build(fork, nodes, held, norm, sign) -> ResidualJoin | None:
 
 
 def _carried(branch: ResidualBranch, inputs: list[torch.fx.Node]) -> bool:
-    """Whether the branch's diagonal can be evaluated: tried once on the nodes' example values
-    (as meta tensors; symbolic shapes under the graph's own fake mode)."""
+    """Whether the branch's diagonal can be evaluated: tried once on meta tensors of the nodes' example
+    shapes. Symbolic sizes are taken at their example values: evaluating under the graph's own fake
+    mode would guard on them and specialise a symbolic capture (the planner's batch and seq)."""
     values = [n.meta.get("val") for n in inputs]
     if not all(isinstance(v, torch.Tensor) for v in values):
         return False
-    symbolic = any(isinstance(size, torch.SymInt) for v in values for size in v.shape)
-    fake_mode = torch._guards.detect_fake_mode(values) if symbolic else None
-    if fake_mode is None:
-        values = [torch.empty(v.shape, dtype=v.dtype, device="meta") for v in values]
+    shapes = [[_example_size(size) for size in v.shape] for v in values]
+    if any(size is None for shape in shapes for size in shape):
+        return False
     try:
-        with fake_mode if fake_mode is not None else torch.no_grad():
-            branch.diagonal(tuple(values))
+        with torch.no_grad():
+            branch.diagonal(tuple(torch.empty(shape, dtype=v.dtype, device="meta") for shape, v in zip(shapes, values)))
     except NotCarried:
         return False
     return True
+
+
+def _example_size(size) -> int | None:
+    """A size as an int: a symbolic one at the value it was captured with (None: unknown)."""
+    return size.node.hint if isinstance(size, torch.SymInt) else int(size)
 
 
 def residual_covariance(branch: ResidualBranch, means: tuple, fork_var: torch.Tensor, into: torch.Tensor,
