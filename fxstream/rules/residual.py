@@ -148,18 +148,22 @@ class ResidualBranch(torch.nn.Module):
     def __init__(self, steps: list[Step], fork: int, norm: str) -> None:
         super().__init__()
         self.steps, self.fork, self.norm = steps, fork, norm
+        last_read = {r.index: position for position, step in enumerate(steps) for r in _refs((step.args, step.kwargs))}
+        #: per step, the forms no later step reads (freed there: a branch's forms are activation-sized)
+        self.done_after = [[index for index, position in last_read.items() if position == at] for at in range(len(steps))]
 
     def diagonal(self, means: tuple) -> torch.Tensor:
         """diag(J_f) (rows, width) at the means; raises NotCarried where the forms cannot carry it."""
         forms: dict[int, Form | NotCarried] = {self.fork: Diagonal(torch.ones_like(_rows(means[self.fork])), exact=True)}
-        for step in self.steps:
-            if step.held:
-                continue
-            formed = [(i, forms[a.index]) for i, a in enumerate(step.args) if isinstance(a, Ref) and a.index in forms]
-            if len(formed) != len([r for r in _refs((step.args, step.kwargs)) if r.index in forms]):
-                forms[step.index] = NotCarried(f"{step.target} takes the branch inside a list or as a keyword")
-            elif formed:
-                forms[step.index] = self._form(step, formed, means)
+        for step, done in zip(self.steps, self.done_after):
+            if not step.held:
+                formed = [(i, forms[a.index]) for i, a in enumerate(step.args) if isinstance(a, Ref) and a.index in forms]
+                if len(formed) != len([r for r in _refs((step.args, step.kwargs)) if r.index in forms]):
+                    forms[step.index] = NotCarried(f"{step.target} takes the branch inside a list or as a keyword")
+                elif formed:
+                    forms[step.index] = self._form(step, formed, means)
+            for index in done:
+                forms.pop(index, None)
         last = forms.get(self.steps[-1].index)
         if last is None:
             raise NotCarried("the branch output is held at its mean")
@@ -309,23 +313,26 @@ def _carried(branch: ResidualBranch, inputs: list[torch.fx.Node]) -> bool:
     """Whether the branch's diagonal can be evaluated: tried once on meta tensors of the nodes' example
     shapes. Symbolic sizes are taken at their example values: evaluating under the graph's own fake
     mode would guard on them and specialise a symbolic capture (the planner's batch and seq)."""
-    values = [n.meta.get("val") for n in inputs]
-    if not all(isinstance(v, torch.Tensor) for v in values):
-        return False
-    shapes = [[_example_size(size) for size in v.shape] for v in values]
-    if any(size is None for shape in shapes for size in shape):
-        return False
     try:
+        values = tuple(_example(n.meta.get("val")) for n in inputs)
         with torch.no_grad():
-            branch.diagonal(tuple(torch.empty(shape, dtype=v.dtype, device="meta") for shape, v in zip(shapes, values)))
+            branch.diagonal(values)
     except NotCarried:
         return False
     return True
 
 
-def _example_size(size) -> int | None:
-    """A size as an int: a symbolic one at the value it was captured with (None: unknown)."""
-    return size.node.hint if isinstance(size, torch.SymInt) else int(size)
+def _example(value):
+    """A meta tensor of ``value``'s example shape, or the example int of a (symbolic) size."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty([_example(size) for size in value.shape], dtype=value.dtype, device="meta")
+    if isinstance(value, torch.SymInt):
+        if value.node.hint is None:
+            raise NotCarried("a size without an example value")
+        return value.node.hint
+    if isinstance(value, (int, float, bool)):
+        return value
+    raise NotCarried(f"an input of type {type(value).__name__}")
 
 
 def residual_covariance(branch: ResidualBranch, means: tuple, fork_var: torch.Tensor, into: torch.Tensor,
