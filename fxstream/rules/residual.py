@@ -33,16 +33,14 @@ from torch.fx.node import map_aggregate
 
 from .linearise import derivative
 from .norm import layer_statistics
+from .patterns import TRANSPARENT
 from .region import ELEMENTWISE_OPS
 
 aten = torch.ops.aten
 
 #: ops that pass every element through unchanged (in eval mode), in any layout keeping the last dim.
-PASS_THROUGH = frozenset({
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default,
-    aten.clone.default, aten.contiguous.default, aten.detach.default, aten.dropout.default,
-})
-PER_ELEMENT = ELEMENTWISE_OPS | {aten.to.dtype, aten._to_copy.default}
+PASS_THROUGH = frozenset(TRANSPARENT) | {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+PER_ELEMENT = ELEMENTWISE_OPS | {aten._to_copy.default}
 LINEAR_MAPS = frozenset({aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default})
 JOINS = {aten.add.Tensor: 1.0, aten.sub.Tensor: -1.0}
 
@@ -85,12 +83,9 @@ def _sum(first: Form, second: Form) -> Form:
     if isinstance(first, Diagonal) and isinstance(second, Diagonal):
         return Diagonal(first.d + second.d, first.exact and second.exact)
     if isinstance(first, Chain) and isinstance(second, Chain):
-        terms = dict(first.terms)
+        terms = dict(first.terms)  # both scaled by their op's slopes, so every a_t is a tensor
         for key, (a, m, g) in second.terms.items():
-            if key in terms:
-                mine = terms[key][0]
-                a = (torch.ones_like(g[:, :1]) if a is None else a) + (1 if mine is None else mine)
-            terms[key] = (a, m, g)
+            terms[key] = (a + terms[key][0] if key in terms else a, m, g)
         return Chain(terms)
     raise NotCarried("a branch adds a diagonal and a mapped path")
 
@@ -148,17 +143,19 @@ class ResidualBranch(torch.nn.Module):
     def __init__(self, steps: list[Step], fork: int, norm: str) -> None:
         super().__init__()
         self.steps, self.fork, self.norm = steps, fork, norm
-        last_read = {r.index: position for position, step in enumerate(steps) for r in _refs((step.args, step.kwargs))}
+        #: per step, every value it reads (args and kwargs, nested ones too)
+        self.reads = [[r.index for r in _refs((step.args, step.kwargs))] for step in steps]
+        last_read = {index: position for position, reads in enumerate(self.reads) for index in reads}
         #: per step, the forms no later step reads (freed there: a branch's forms are activation-sized)
         self.done_after = [[index for index, position in last_read.items() if position == at] for at in range(len(steps))]
 
     def diagonal(self, means: tuple) -> torch.Tensor:
         """diag(J_f) (rows, width) at the means; raises NotCarried where the forms cannot carry it."""
         forms: dict[int, Form | NotCarried] = {self.fork: Diagonal(torch.ones_like(_rows(means[self.fork])), exact=True)}
-        for step, done in zip(self.steps, self.done_after):
+        for step, reads, done in zip(self.steps, self.reads, self.done_after):
             if not step.held:
                 formed = [(i, forms[a.index]) for i, a in enumerate(step.args) if isinstance(a, Ref) and a.index in forms]
-                if len(formed) != len([r for r in _refs((step.args, step.kwargs)) if r.index in forms]):
+                if len(formed) != len([index for index in reads if index in forms]):
                     forms[step.index] = NotCarried(f"{step.target} takes the branch inside a list or as a keyword")
                 elif formed:
                     forms[step.index] = self._form(step, formed, means)
