@@ -120,6 +120,9 @@ def pair(
             batch = graph.call_function(torch.ops.aten.sym_size.int, (first_input, 0))
         return batch
 
+    def cov_of(arg) -> object:
+        return cov.get(arg) if isinstance(arg, torch.fx.Node) else None
+
     def buffer(tensor: torch.Tensor) -> torch.fx.Node:
         name = f"fxstream_cov_{len(root._buffers)}"
         root.register_buffer(name, tensor)
@@ -180,8 +183,9 @@ def pair(
             kind[node] = out_structure
             continue
         rule = RULES.get(node.target)
-        covs = map_aggregate(node.args, lambda a: cov.get(a) if isinstance(a, torch.fx.Node) else None)
-        kw_covs = map_aggregate(dict(node.kwargs), lambda a: cov.get(a) if isinstance(a, torch.fx.Node) else None)
+        unread = rule.unread(options) if rule is not None else ()
+        covs = tuple(None if i in unread else map_aggregate(a, cov_of) for i, a in enumerate(node.args))
+        kw_covs = map_aggregate(dict(node.kwargs), cov_of)
         kinds = map_aggregate(node.args, lambda a: kind.get(a) if isinstance(a, torch.fx.Node) else None)
         kw_kinds = map_aggregate(dict(node.kwargs), lambda a: kind.get(a) if isinstance(a, torch.fx.Node) else None)
         args = map_aggregate(node.args, lambda a: mean[a] if isinstance(a, torch.fx.Node) else a)

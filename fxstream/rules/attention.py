@@ -62,7 +62,8 @@ def _checked(call: RuleCall) -> tuple:
     return q, k, v, mask, bool(call.arg(5)), call.arg(6)
 
 
-@register(aten.scaled_dot_product_attention.default)
+@register(aten.scaled_dot_product_attention.default,
+          unread=lambda options: (QUERY, KEY) if options["attention"] == "paper" else ())
 def scaled_dot_product_attention(call: RuleCall) -> torch.Tensor:
     """Output covariance of attention under the chosen ``attention`` option (see the module doc)."""
     linearised = call.options["attention"] == "linearised"

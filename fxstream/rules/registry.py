@@ -170,6 +170,7 @@ class Rule:
     param_kinds: tuple[str, ...] = ("param_diag",)
     param_passthrough: bool = False
     graph_target: Callable[..., Any] = field(compare=False, default=None)  # type: ignore[assignment]
+    unread: Callable[[Mapping[str, str]], tuple[int, ...]] = field(compare=False, default=lambda options: ())
 
     @property
     def name(self) -> str:
@@ -206,6 +207,7 @@ def register(
     structures: tuple[str, ...] = ACTIVATION_STRUCTURES,
     param_kinds: tuple[str, ...] = ("param_diag",),
     param_passthrough: bool = False,
+    unread: Callable[[Mapping[str, str]], tuple[int, ...]] = lambda options: (),
 ) -> Callable[[RuleFn], RuleFn]:
     """Register ``fn`` as the covariance rule of each overload in ``ops``.
 
@@ -213,6 +215,9 @@ def register(
     parameter posteriors it accepts. ``param_passthrough``: the op keeps the
     entries of a parameter independent (elementwise maps, reshapes, slices), so
     it may transform an uncertain parameter before the parameter meets data.
+    ``unread(options)``: the positional arguments whose covariance the rule
+    ignores under those rule options; the pair pass does not hand them over, so
+    pruning drops the covariance upstream that only they would have read.
     """
 
     def decorate(fn: RuleFn) -> RuleFn:
@@ -220,7 +225,8 @@ def register(
         for op in ops:
             if op in RULES:
                 raise RuntimeError(f"two rules registered for {op}: {RULES[op].name} and {fn.__name__}")
-            RULES[op] = Rule(op, fn, family, structures, param_kinds, param_passthrough, _graph_target(fn, op))
+            RULES[op] = Rule(op, fn, family, structures, param_kinds, param_passthrough, _graph_target(fn, op),
+                             unread)
         return fn
 
     return decorate
