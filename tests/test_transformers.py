@@ -269,3 +269,34 @@ def test_pruning_skips_everything_below_the_first_bayesian_block():
     everything = fxstream.streamline(model, select(model), backend="eager")
     everything(x)
     assert graph.report.kept < everything.graphs[0].report.kept
+
+
+@pytest.mark.parametrize("attention", ["paper", "linearised"])
+def test_fused_query_key_value_layer_computes_only_the_variances_attention_reads(attention, monkeypatch):
+    """GPT-2's c_attn packs Q, K and V. The paper's rule reads only V's variances, so pruning narrows the
+    layer to V's columns: the predictive is unchanged, and the FLOPs of Q and K's variance GEMMs (two per
+    layer, each 2 * tokens * d * 2d) are gone. Under attention="linearised" all three are read."""
+    import importlib
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pruning = importlib.import_module("fxstream.passes.prune")
+    model, x = tiny("gpt2")
+    posterior = select(model, include=["*.weight"], exclude=["*ln_*", "*wpe*"], variance=1e-4)
+
+    def run():
+        streamlined = fxstream.streamline(model, posterior, backend="eager", attention=attention)
+        var = streamlined(x).var
+        graph = streamlined.graphs[-1]
+        with FlopCounterMode(display=False) as counter:
+            graph.paired.graph_module(*graph.captured.example_inputs)
+        return var, counter.get_total_flops(), graph.report.narrowed
+
+    narrowed_var, narrowed_flops, narrowed = run()
+    monkeypatch.setattr(pruning, "_narrow", lambda split: False)
+    whole_var, whole_flops, _ = run()
+    torch.testing.assert_close(narrowed_var, whole_var, rtol=1e-12, atol=0)
+    layers, tokens, width = model.config.n_layer, x.numel(), model.config.n_embd
+    saved = layers * 2 * (2 * tokens * width * 2 * width) if attention == "paper" else 0
+    assert (narrowed, whole_flops - narrowed_flops) == (layers if attention == "paper" else 0, saved)
+    assert not narrowed_var.isnan().any()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .linearise import batch_size, linearised_full
-from .registry import RuleCall, register
+from .registry import RULES, RuleCall, register
 from .weights import (
     AFFINE_BIAS,
     PARAM_KINDS,
@@ -201,3 +201,39 @@ def _product_of_activations(call: RuleCall, x, vx, y, vy, alpha: float, bias: Pa
     var = alpha**2 * contraction_variance(x, vx, y, vy, call.second_order)
     var_b = None if bias is None else bias_variance(*bias)
     return torch.broadcast_to(var if var_b is None else var + beta**2 * var_b, call.out.shape)
+
+
+#: Affine ops whose covariance can be narrowed to some output features (the last dim of the output):
+#: op -> (index of the weight argument, the weight's output-feature dim, index of the bias or None).
+OUTPUT_FEATURES = {
+    aten.linear.default: (1, 0, 2),
+    aten.addmm.default: (2, 1, 0),
+    aten.mm.default: (1, 1, None),
+    aten.matmul.default: (1, 1, None),
+}
+
+
+def narrowed_affine(args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure, options, batch, op,
+                    columns: slice) -> torch.Tensor:
+    """The diagonal covariance of an affine op over output features ``columns`` only, by the op's rule.
+
+    Its arguments are a rule node's (see the pair pass), then the op and the
+    columns. The pruning pass calls this where no reader reads the other
+    features (a fused query/key/value projection under the paper's attention
+    rule, whose queries and keys are taken at their means), sparing their
+    variance GEMMs. The other features hold NaN: nothing may read them, and
+    were something to, the result would say so rather than be quietly wrong.
+    """
+    weight, dim, bias = OUTPUT_FEATURES[op]
+    feature = (slice(None),) * dim + (columns,)
+    args, covs = list(args), list(covs)
+    args[weight] = args[weight][feature]
+    covs[weight] = None if covs[weight] is None else covs[weight][feature]
+    if bias is not None and isinstance(args[bias], torch.Tensor) and args[bias].shape[-1] == out.shape[-1]:
+        args[bias] = args[bias][..., columns]
+        covs[bias] = None if covs[bias] is None else covs[bias][..., columns]
+    part = RULES[op].graph_target(tuple(args), kwargs, tuple(covs), kw_covs, kinds, kw_kinds, out[..., columns],
+                                  structure, options, batch)
+    full = torch.full_like(out, float("nan"))
+    full[..., columns] = part
+    return full
