@@ -14,7 +14,10 @@ load hits all rows alike and the ratios hold; the median over --repeats rounds
 (MC-10: at most 3) on --clock. On a GPU every call ends with a device
 synchronise. Peak memory: what one call allocates beyond what existed before
 it, from torch's CPU allocator events (torch.profiler) or, on a GPU,
-torch.cuda.max_memory_allocated.
+torch.cuda.max_memory_allocated. FLOPs: what ``torch.utils.flop_counter`` counts
+in one call (matrix products, convolutions, attention), the same for every
+backend; where matrix products dominate a forward, its time ratio to the
+deterministic forward cannot go below its FLOP ratio at the same precision.
 
     python benchmarks/bench_transformers.py --out benchmarks/results/transformers.md
     python benchmarks/bench_transformers.py --device cuda --out docs/results/transformers_gpu.md
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import torch
 from tabulate import tabulate
+from torch.utils.flop_counter import FlopCounterMode
 from timing import CLOCK_HELP, CLOCKS, median_seconds
 
 from fxstream.planner.measure import profiler_peak
@@ -61,8 +65,7 @@ def linear_weights(model: torch.nn.Module) -> list[str]:
 
 def runner(model, x, mode: str, backend: str):
     """A zero-argument callable for one benchmark row."""
-    import fxstream
-    from fxstream.select import last_blocks, select
+    from fxstream.select import select
 
     if mode == "deterministic":
         compiled = model if backend == "eager" else torch.compile(model, backend="inductor", fullgraph=True)
@@ -84,15 +87,44 @@ def runner(model, x, mode: str, backend: str):
             return stacked.mean(0), stacked.var(0)
 
         return monte_carlo
+    streamlined = streamlined_model(model, mode, backend)
+    return lambda: streamlined(x)
+
+
+def streamlined_model(model, mode: str, backend: str):
+    """The streamlined model of an fxstream row."""
+    import fxstream
+    from fxstream.select import last_blocks, select
+
     every_linear = mode.startswith("fxstream all linear")
     include = linear_weights(model) if every_linear else last_blocks(model, 2)
     exclude = [] if every_linear else ["*norm*", "*ln_*", "*.bias"]
     posterior = select(model, include=include, exclude=exclude, variance=1e-6)
     variance_matmul = "bfloat16" if mode.endswith("bf16 var GEMMs") else "exact"
     residual = "linearised" if mode.endswith("residual=linearised") else "paper"
-    streamlined = fxstream.streamline(model, posterior, backend=backend, variance_matmul=variance_matmul,
-                                      residual=residual)
-    return lambda: streamlined(x)
+    return fxstream.streamline(model, posterior, backend=backend, variance_matmul=variance_matmul, residual=residual)
+
+
+def call_flops(model, x, mode: str) -> int:
+    """FLOPs of one call of a row, as ``torch.utils.flop_counter`` counts them (matmul, conv, attention).
+
+    The same for every backend: an fxstream row counts its rewritten graph, run
+    eagerly outside Dynamo (which refuses the counter's dispatch mode). The
+    time ratio cannot beat this ratio where matrix products dominate the forward.
+    """
+    if mode == "MC-10":
+        return 10 * call_flops(model, x, "deterministic")
+    with torch.no_grad():
+        if mode == "deterministic":
+            with FlopCounterMode(display=False) as counter:
+                model(x)
+            return counter.get_total_flops()
+        streamlined = streamlined_model(model, mode, "eager")
+        streamlined(x)
+        graph = streamlined.graphs[-1]
+        with FlopCounterMode(display=False) as counter:
+            graph.paired.graph_module(*graph.captured.example_inputs)
+    return counter.get_total_flops()
 
 
 def peak_bytes(call, device: str) -> int:
@@ -111,9 +143,8 @@ def peak_bytes(call, device: str) -> int:
     return profiler_peak(call)
 
 
-def measure(name: str, backend: str, modes: list[str], args) -> dict[str, dict]:
+def measure(model, x, backend: str, modes: list[str], args) -> dict[str, dict]:
     """Time and peak memory of every mode of one model and backend, timed in interleaved rounds."""
-    model, x = build(name, args.batch, args.seq, args.device)
     synchronize = torch.cuda.synchronize if args.device == "cuda" else lambda: None
     calls, results = {}, {}
     with torch.no_grad():
@@ -132,7 +163,7 @@ def measure(name: str, backend: str, modes: list[str], args) -> dict[str, dict]:
                                       synchronize=synchronize)
     for mode, value in seconds.items():
         results[mode]["time_s"] = value
-    del calls, model, x
+    del calls
     torch._dynamo.reset()  # compiled graphs hold their posterior buffers: free them before the next model
     if args.device == "cuda":
         torch.cuda.empty_cache()
@@ -142,24 +173,29 @@ def measure(name: str, backend: str, modes: list[str], args) -> dict[str, dict]:
 def table(args) -> str:
     rows = []
     for name in args.models:
+        model, x = build(name, args.batch, args.seq, args.device)
+        flops = {mode: call_flops(model, x, mode) for mode in ("deterministic", *args.modes)}
         for backend in args.backends:
-            results = measure(name, backend, args.modes, args)
+            results = measure(model, x, backend, args.modes, args)
             base = results.get("deterministic", {}).get("time_s")
             for mode in args.modes:
                 result = results[mode]
+                flop_ratio = f"{flops[mode] / flops['deterministic']:.2f}x"
                 if "error" in result:
-                    rows.append([name, backend, mode, "failed", result["error"], ""])
+                    rows.append([name, backend, mode, "failed", result["error"], flop_ratio, ""])
                 else:
                     ratio = f"{result['time_s'] / base:.2f}x" if base else ""
-                    rows.append([name, backend, mode, f"{result['time_s'] * 1e3:.1f}", ratio,
+                    rows.append([name, backend, mode, f"{result['time_s'] * 1e3:.1f}", ratio, flop_ratio,
                                  f"{result['peak_mib']:.0f}"])
                 print(tabulate([rows[-1]], tablefmt="plain"), flush=True)
+        del model, x
     where = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}" if args.device == "cuda"
              else f"CPU threads {torch.get_num_threads()}, torch {torch.__version__}")
     shape = (f"batch {args.batch}, GPT-2 sequence {args.seq}, ViT 224x224 (197 tokens), float32, {where}; "
              f"median {args.clock} time of {args.repeats} interleaved rounds (MC-10: {min(args.repeats, 3)})")
     return shape + "\n\n" + tabulate(
-        rows, headers=["model", "backend", "mode", "time (ms)", "vs deterministic", "peak (MiB)"], tablefmt="github"
+        rows, headers=["model", "backend", "mode", "time (ms)", "vs deterministic", "FLOPs vs deterministic",
+                       "peak (MiB)"], tablefmt="github"
     )
 
 
