@@ -271,18 +271,11 @@ def test_pruning_skips_everything_below_the_first_bayesian_block():
     assert graph.report.kept < everything.graphs[0].report.kept
 
 
-@pytest.mark.parametrize("attention", ["paper", "linearised"])
-def test_fused_query_key_value_layer_computes_only_the_variances_attention_reads(attention, monkeypatch):
-    """GPT-2's c_attn packs Q, K and V. The paper's rule reads only V's variances, so pruning narrows the
-    layer to V's columns: the predictive is unchanged, and the FLOPs of Q and K's variance GEMMs (two per
-    layer, each 2 * tokens * d * 2d) are gone. Under attention="linearised" all three are read."""
+def narrowing(model, x, posterior, attention: str, monkeypatch) -> tuple:
+    """(variances, FLOPs, narrowed layers) with pruning's narrowing, then the same without it."""
     import importlib
 
     from torch.utils.flop_counter import FlopCounterMode
-
-    pruning = importlib.import_module("fxstream.passes.prune")
-    model, x = tiny("gpt2")
-    posterior = select(model, include=["*.weight"], exclude=["*ln_*", "*wpe*"], variance=1e-4)
 
     def run():
         streamlined = fxstream.streamline(model, posterior, backend="eager", attention=attention)
@@ -292,11 +285,47 @@ def test_fused_query_key_value_layer_computes_only_the_variances_attention_reads
             graph.paired.graph_module(*graph.captured.example_inputs)
         return var, counter.get_total_flops(), graph.report.narrowed
 
-    narrowed_var, narrowed_flops, narrowed = run()
-    monkeypatch.setattr(pruning, "_narrow", lambda split: False)
-    whole_var, whole_flops, _ = run()
-    torch.testing.assert_close(narrowed_var, whole_var, rtol=1e-12, atol=0)
+    narrowed = run()
+    monkeypatch.setattr(importlib.import_module("fxstream.passes.prune"), "_narrow", lambda split: False)
+    return narrowed, run()
+
+
+@pytest.mark.parametrize("attention", ["paper", "linearised"])
+def test_fused_query_key_value_layer_computes_only_the_variances_attention_reads(attention, monkeypatch):
+    """GPT-2's c_attn packs Q, K and V. The paper's rule reads only V's variances, so pruning narrows the
+    layer to V's columns: the predictive is unchanged, and the FLOPs of Q and K's variance GEMMs (two per
+    layer, each 2 * tokens * d * 2d) are gone. Under attention="linearised" all three are read."""
+    model, x = tiny("gpt2")
+    posterior = select(model, include=["*.weight"], exclude=["*ln_*", "*wpe*"], variance=1e-4)
+    (var, flops, narrowed), (whole_var, whole_flops, _) = narrowing(model, x, posterior, attention, monkeypatch)
+    torch.testing.assert_close(var, whole_var, rtol=1e-12, atol=0)
     layers, tokens, width = model.config.n_layer, x.numel(), model.config.n_embd
     saved = layers * 2 * (2 * tokens * width * 2 * width) if attention == "paper" else 0
-    assert (narrowed, whole_flops - narrowed_flops) == (layers if attention == "paper" else 0, saved)
-    assert not narrowed_var.isnan().any()
+    assert (narrowed, whole_flops - flops) == (layers if attention == "paper" else 0, saved)
+    assert not var.isnan().any()
+
+
+class FusedProjectionAttention(torch.nn.Module):
+    """One nn.Linear without bias makes Q, K and V (as in GPT-NeoX-style blocks), then SDPA and a head."""
+
+    def __init__(self, width: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(width, 3 * width, bias=False)
+        self.out = torch.nn.Linear(width, 3)
+
+    def forward(self, x):
+        batch, tokens, width = x.shape
+        q, k, v = (t.view(batch, tokens, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(width, dim=-1))
+        mixed = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(mixed.transpose(1, 2).reshape(batch, tokens, width))
+
+
+def test_fused_linear_projection_is_narrowed_too(monkeypatch):
+    torch.manual_seed(0)
+    model, x = FusedProjectionAttention().to(DTYPE).eval(), torch.randn(2, 5, 8, dtype=DTYPE)
+    posterior = select(model, include=["qkv.weight"], variance=1e-3)
+    (var, flops, narrowed), (whole_var, whole_flops, _) = narrowing(model, x, posterior, "paper", monkeypatch)
+    torch.testing.assert_close(var, whole_var, rtol=1e-12, atol=0)
+    tokens, width = x.shape[0] * x.shape[1], x.shape[2]
+    assert (narrowed, whole_flops - flops) == (1, 2 * tokens * width * 2 * width)  # x^2 @ V^T, Q and K columns

@@ -116,7 +116,8 @@ def _narrow(split: torch.fx.Node) -> bool:
     weight, _, bias = OUTPUT_FEATURES[op]
     kinds = node.args[_KINDS]
     weight_mean = node.args[_ARGS][weight]
-    if kinds[weight] not in (None, "param_diag") or (bias is not None and kinds[bias] not in (None, "param_diag")) \
+    bias_kind = kinds[bias] if bias is not None and bias < len(kinds) else None
+    if kinds[weight] not in (None, "param_diag") or bias_kind not in (None, "param_diag") \
             or not isinstance(weight_mean, torch.fx.Node) or weight_mean.meta["val"].dim() != 2:
         return False
     graph = node.graph

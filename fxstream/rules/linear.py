@@ -229,7 +229,8 @@ def narrowed_affine(args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure
     args, covs = list(args), list(covs)
     args[weight] = args[weight][feature]
     covs[weight] = None if covs[weight] is None else covs[weight][feature]
-    if bias is not None and isinstance(args[bias], torch.Tensor) and args[bias].shape[-1] == out.shape[-1]:
+    if bias is not None and bias < len(args) and isinstance(args[bias], torch.Tensor) \
+            and args[bias].shape[-1] == out.shape[-1]:
         args[bias] = args[bias][..., columns]
         covs[bias] = None if covs[bias] is None else covs[bias][..., columns]
     part = RULES[op].graph_target(tuple(args), kwargs, tuple(covs), kw_covs, kinds, kw_kinds, out[..., columns],

@@ -95,8 +95,10 @@ def test_variance_gemms_block_by_block_when_traced_for_a_cpu(monkeypatch) -> Non
     torch.testing.assert_close(traced(x, vx, w, vw), vx @ w.square().t() + (x.square() + vx) @ vw.t())
 
 
-@pytest.mark.parametrize("op", [aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default])
-def test_narrowed_affine_computes_exactly_the_columns_asked_for(op) -> None:
+@pytest.mark.parametrize("op, has_bias", [(aten.linear.default, True), (aten.linear.default, False),
+                                          (aten.addmm.default, True), (aten.mm.default, False),
+                                          (aten.matmul.default, False)])
+def test_narrowed_affine_computes_exactly_the_columns_asked_for(op, has_bias: bool) -> None:
     """The pruning pass's narrowed layer: the closed-form moments on its columns, NaN (never read) elsewhere."""
     from fxstream.rules.linear import narrowed_affine
     from fxstream.rules.registry import DEFAULT_RULE_OPTIONS
@@ -105,10 +107,11 @@ def test_narrowed_affine_computes_exactly_the_columns_asked_for(op) -> None:
     h, vh = torch.randn(2, 3, 4, generator=g), torch.rand(2, 3, 4, generator=g)
     weight, vw = torch.randn(6, 4, generator=g), torch.rand(6, 4, generator=g)
     bias, vb = torch.randn(6, generator=g), torch.rand(6, generator=g)
-    has_bias = op in (aten.linear.default, aten.addmm.default)
     expected = vh @ weight.square().t() + (h.square() + vh) @ vw.t() + (vb if has_bias else 0)
     if op is aten.linear.default:
         args, covs, kinds = (h, weight, bias), (vh, vw, vb), ("diag", "param_diag", "param_diag")
+        if not has_bias:
+            args, covs, kinds = args[:2], covs[:2], kinds[:2]
     elif op is aten.addmm.default:
         h, vh, expected = h.reshape(6, 4), vh.reshape(6, 4), expected.reshape(6, 6)
         args, covs, kinds = (bias, h, weight.t()), (vb, vh, vw.t()), ("param_diag", "diag", "param_diag")
