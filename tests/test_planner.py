@@ -89,6 +89,14 @@ def test_flop_formula_equals_counted_flops_off_the_grid(mlp_planner: Planner, st
     assert report.evaluate(report.flops, {"batch": 23}) == sum(counted.values()) > 0
 
 
+def test_deterministic_flops_are_the_forward_products_closed_form(mlp_planner: Planner) -> None:
+    """The mean nodes' FLOPs are the MLP's three addmm products, 2 * batch * d_in * d_out each."""
+    report = mlp_planner.report(mlp_planner.richest("diag"), "diag")
+    forward = 2 * 23 * (12 * 48 + 48 * 48 + 48 * 5)
+    assert report.evaluate(report.deterministic_flops, {"batch": 23}) == forward
+    assert report.evaluate(report.flops, {"batch": 23}) > forward
+
+
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
 
 

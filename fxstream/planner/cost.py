@@ -101,6 +101,11 @@ class CostReport:
     def flops(self) -> sympy.Expr:
         return sympy.Add(*(n.flops for n in self.nodes))
 
+    @property
+    def deterministic_flops(self) -> sympy.Expr:
+        """FLOPs of the mean nodes alone: the deterministic forward's, the yardstick for ``flops``."""
+        return sympy.Add(*(n.flops for n in self.nodes if n.role == "mean"))
+
     def evaluate(self, expr: sympy.Expr, sizes: Sizes) -> int:
         """An expression at concrete sizes (every symbol in it must be given)."""
         expr = sympy.sympify(expr).xreplace({self.symbols[k]: v for k, v in sizes.items() if k in self.symbols})

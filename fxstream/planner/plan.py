@@ -147,6 +147,7 @@ class Plan:
             "peak_bytes_formula": str(self.report.peak_bytes),
             "flops": self.report.evaluate(self.flops, sizes),
             "flops_formula": str(self.flops),
+            "deterministic_flops": self.report.evaluate(self.report.deterministic_flops, sizes),
             "limits": self.limits,
             "layers": [
                 {"layer": r.layer, "structure": r.structure, "reason": r.reason, "parameters": r.parameters,
@@ -159,6 +160,13 @@ class Plan:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def _flop_ratio(self) -> str:
+        """FLOPs over the deterministic forward's: where matrix products dominate, the least slowdown to expect."""
+        deterministic = self.report.evaluate(self.report.deterministic_flops, self.sizes)
+        if not deterministic:
+            return "-"
+        return f"{self.report.evaluate(self.flops, self.sizes) / deterministic:.2f}x (deterministic {deterministic:.4g})"
 
     def table(self) -> str:
         """A text report: one row per layer, then totals and limits."""
@@ -177,6 +185,7 @@ class Plan:
             ["budget", format_bytes(self.budget)],
             ["total (static + peak)", f"{format_bytes(self.total_at())} = {self.total_bytes}"],
             ["FLOPs", f"{self.report.evaluate(self.flops, sizes):.4g} = {self.flops}"],
+            ["FLOPs vs deterministic forward", self._flop_ratio()],
             ["fidelity (measured)", f"{self.fidelity:.3f} (1 - mean relative variance error vs {self.reference})"],
             ["limits (budget and model)", limits or "-"],
         ], tablefmt="plain")
