@@ -174,13 +174,13 @@ def table(args) -> str:
     rows = []
     for name in args.models:
         model, x = build(name, args.batch, args.seq, args.device)
-        flops = {mode: call_flops(model, x, mode) for mode in ("deterministic", *args.modes)}
+        flops = {mode: call_flops(model, x, mode) for mode in ("deterministic", *args.modes)} if args.flops else {}
         for backend in args.backends:
             results = measure(model, x, backend, args.modes, args)
             base = results.get("deterministic", {}).get("time_s")
             for mode in args.modes:
                 result = results[mode]
-                flop_ratio = f"{flops[mode] / flops['deterministic']:.2f}x"
+                flop_ratio = f"{flops[mode] / flops['deterministic']:.2f}x" if flops else ""
                 if "error" in result:
                     rows.append([name, backend, mode, "failed", result["error"], flop_ratio, ""])
                 else:
@@ -245,6 +245,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20_000)
     parser.add_argument("--tiny-models", nargs="+", default=["gpt2", "vit", "bert", "llama"],
                         help="tiny test models for --accuracy")
+    parser.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
+                        help="count every row's FLOPs (an extra eager capture per row; the same on every device)")
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall", help=CLOCK_HELP)

@@ -9,7 +9,7 @@ set -uo pipefail
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-shape=(--batch "${BATCH:-8}" --seq "${SEQ:-256}" --repeats 20)
+shape=(--batch "${BATCH:-8}" --seq "${SEQ:-256}" --repeats 20 --no-flops)  # FLOP counts do not depend on the device, and would eat the time limits
 {
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
   timeout "${INDUCTOR_SECONDS:-250}" python3 benchmarks/bench_transformers.py --device cuda --backends inductor \
