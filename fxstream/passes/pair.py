@@ -11,7 +11,7 @@ op on a branch nobody asked about is harmless.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -120,8 +120,9 @@ def pair(
             batch = graph.call_function(torch.ops.aten.sym_size.int, (first_input, 0))
         return batch
 
-    def cov_of(arg) -> object:
-        return cov.get(arg) if isinstance(arg, torch.fx.Node) else None
+    def looked_up(table: dict) -> Callable:
+        """arg -> what ``table`` holds for it (None for non-nodes and nodes it lacks)."""
+        return lambda arg: table.get(arg) if isinstance(arg, torch.fx.Node) else None
 
     def buffer(tensor: torch.Tensor) -> torch.fx.Node:
         name = f"fxstream_cov_{len(root._buffers)}"
@@ -184,10 +185,10 @@ def pair(
             continue
         rule = RULES.get(node.target)
         unread = rule.unread(options) if rule is not None else ()
-        covs = tuple(None if i in unread else map_aggregate(a, cov_of) for i, a in enumerate(node.args))
-        kw_covs = map_aggregate(dict(node.kwargs), cov_of)
-        kinds = map_aggregate(node.args, lambda a: kind.get(a) if isinstance(a, torch.fx.Node) else None)
-        kw_kinds = map_aggregate(dict(node.kwargs), lambda a: kind.get(a) if isinstance(a, torch.fx.Node) else None)
+        covs = tuple(None if i in unread else map_aggregate(a, looked_up(cov)) for i, a in enumerate(node.args))
+        kw_covs = map_aggregate(dict(node.kwargs), looked_up(cov))
+        kinds = map_aggregate(node.args, looked_up(kind))
+        kw_kinds = map_aggregate(dict(node.kwargs), looked_up(kind))
         args = map_aggregate(node.args, lambda a: mean[a] if isinstance(a, torch.fx.Node) else a)
         kwargs = map_aggregate(dict(node.kwargs), lambda a: mean[a] if isinstance(a, torch.fx.Node) else a)
         problem = _rule_problem(rule, out_structure, uncertain, kind)
