@@ -1,12 +1,14 @@
 """Transformers from the `transformers` library, unchanged, end to end on the eager backend.
 
 Tiny configs with random weights (float64, so that Monte Carlo, not rounding,
-sets the tolerance): GPT-2 (tied lm_head), ViT, BERT and Llama (RoPE, RMSNorm,
-SwiGLU, grouped-query attention), each with SDPA and eager attention.
+sets the tolerance): GPT-2 (tied lm_head), ViT, BERT, Llama (RoPE, RMSNorm,
+SwiGLU, grouped-query attention) and Phi-3 (Llama's blocks with fused
+projections: Q, K and V sliced from one layer, gate and up split from one),
+each with SDPA and eager attention.
 
 Monte Carlo samples exactly the weights the rule treats as uncertain. Under
-the paper's attention rule that excludes query and key weights (GPT-2 packs Q,
-K and V in one c_attn matrix: its Q/K columns get zero variance). The measured
+the paper's attention rule that excludes query and key weights (GPT-2 and
+Phi-3 pack Q, K and V in one matrix: its Q/K part gets zero variance). The measured
 gaps (residual branches and diagonal activations are approximations) are kept
 as regression guards; `python benchmarks/bench_transformers.py --accuracy`
 prints the table.
@@ -24,7 +26,7 @@ from fxstream.select import last_blocks, select
 transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (requirements/extras.txt)")
 
 DTYPE = torch.float64
-MODELS = ("gpt2", "vit", "bert", "llama")
+MODELS = ("gpt2", "vit", "bert", "llama", "phi3")
 
 
 def tiny(name: str, attention: str = "sdpa", vocab: int = 97):
@@ -45,11 +47,12 @@ def tiny(name: str, attention: str = "sdpa", vocab: int = 97):
                                          num_labels=3, **common)
         model, x = transformers.BertForSequenceClassification(config), torch.randint(0, vocab, (2, 8))
     else:
-        config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2, intermediate_size=64, vocab_size=vocab,
-                                          max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
-                                          pad_token_id=0, **common)
-        model, x = transformers.LlamaForCausalLM(config), torch.randint(0, vocab, (2, 8))
+        config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}[name]
+        config = config_class(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=64, vocab_size=vocab, max_position_embeddings=32, bos_token_id=0,
+                              eos_token_id=0, pad_token_id=0, **common)
+        model, x = model_class(config), torch.randint(0, vocab, (2, 8))
     return model.to(DTYPE).eval(), x
 
 
@@ -65,6 +68,10 @@ def weight_variances(model: torch.nn.Module, scale: float, with_query_key: bool)
                 continue
             if name.endswith("c_attn.weight"):
                 var[:, : 2 * (p.shape[1] // 3)] = 0  # GPT-2 Conv1D (in, 3 out): Q and K columns
+            if name.endswith("qkv_proj.weight"):  # Phi-3 (Q, K, V out, in): Q and K rows
+                config = model.config
+                head = config.hidden_size // config.num_attention_heads
+                var[: (config.num_attention_heads + config.num_key_value_heads) * head] = 0
         variances[name] = var
     return variances
 
@@ -117,6 +124,7 @@ GUARDS = {  # (name, options) -> (median, p90) bounds on the relative variance e
     ("llama", "paper"): (0.12, 0.35),
     ("llama", "norm-linearised"): (0.12, 0.35),
     ("llama", "full"): (0.08, 0.20),
+    ("phi3", "paper"): (0.12, 0.35),
 }
 SETTINGS = {
     "paper": {},
@@ -136,7 +144,7 @@ def test_variances_agree_with_monte_carlo(name, setting):
     assert median <= max_median and p90 <= max_p90, f"{name} {setting}: median {median:.3f}, p90 {p90:.3f}"
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "phi3"])
 def test_eager_attention_matches_sdpa_under_the_paper_rule(name):
     """The hand-written attention (softmax held at the mean by rules/patterns.py) and the fused SDPA
     rule compute the same thing: var_O = P^2 @ var_V."""
@@ -291,39 +299,51 @@ def narrowing(model, x, posterior, attention: str, monkeypatch) -> tuple:
 
 
 @pytest.mark.parametrize("attention", ["paper", "linearised"])
-def test_fused_query_key_value_layer_computes_only_the_variances_attention_reads(attention, monkeypatch):
-    """GPT-2's c_attn packs Q, K and V. The paper's rule reads only V's variances, so pruning narrows the
-    layer to V's columns: the predictive is unchanged, and the FLOPs of Q and K's variance GEMMs (two per
-    layer, each 2 * tokens * d * 2d) are gone. Under attention="linearised" all three are read."""
-    model, x = tiny("gpt2")
-    posterior = select(model, include=["*.weight"], exclude=["*ln_*", "*wpe*"], variance=1e-4)
+@pytest.mark.parametrize("name", ["gpt2", "phi3"])
+def test_fused_query_key_value_layer_computes_only_the_variances_attention_reads(name, attention, monkeypatch):
+    """GPT-2's c_attn (split) and Phi-3's qkv_proj (sliced) pack Q, K and V. The paper's rule reads only V's
+    variances, so pruning narrows the layer to V's features: the predictive is unchanged, and the FLOPs of
+    Q and K's variance GEMMs (two per layer, each 2 * tokens * d * (Q and K features)) are gone. Under
+    attention="linearised" all three are read."""
+    model, x = tiny(name)
+    posterior = select(model, include=["*.weight"], exclude=["*ln_*", "*wpe*", "*norm*"], variance=1e-4)
     (var, flops, narrowed), (whole_var, whole_flops, _) = narrowing(model, x, posterior, attention, monkeypatch)
     torch.testing.assert_close(var, whole_var, rtol=1e-12, atol=0)
-    layers, tokens, width = model.config.n_layer, x.numel(), model.config.n_embd
-    saved = layers * 2 * (2 * tokens * width * 2 * width) if attention == "paper" else 0
+    config = model.config
+    layers, tokens, width = config.num_hidden_layers, x.numel(), config.hidden_size
+    heads = config.num_attention_heads
+    query_key = 2 * width if name == "gpt2" else (heads + config.num_key_value_heads) * (width // heads)
+    saved = layers * 2 * (2 * tokens * width * query_key) if attention == "paper" else 0
     assert (narrowed, whole_flops - flops) == (layers if attention == "paper" else 0, saved)
     assert not var.isnan().any()
 
 
 class FusedProjectionAttention(torch.nn.Module):
-    """One nn.Linear without bias makes Q, K and V (as in GPT-NeoX-style blocks), then SDPA and a head."""
+    """One nn.Linear without bias makes Q, K and V, split apart (``pieces="split"``) or sliced off
+    (``"slice"``, as Phi-3 does), then SDPA and a head."""
 
-    def __init__(self, width: int = 8, heads: int = 2) -> None:
+    def __init__(self, pieces: str, width: int = 8, heads: int = 2) -> None:
         super().__init__()
-        self.heads = heads
+        self.pieces, self.heads = pieces, heads
         self.qkv = torch.nn.Linear(width, 3 * width, bias=False)
         self.out = torch.nn.Linear(width, 3)
 
     def forward(self, x):
         batch, tokens, width = x.shape
-        q, k, v = (t.view(batch, tokens, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(width, dim=-1))
+        qkv = self.qkv(x)
+        if self.pieces == "split":
+            parts = qkv.split(width, dim=-1)
+        else:
+            parts = qkv[..., :width], qkv[..., width:2 * width], qkv[..., 2 * width:]
+        q, k, v = (t.view(batch, tokens, self.heads, -1).transpose(1, 2) for t in parts)
         mixed = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out(mixed.transpose(1, 2).reshape(batch, tokens, width))
 
 
-def test_fused_linear_projection_is_narrowed_too(monkeypatch):
+@pytest.mark.parametrize("pieces", ["split", "slice"])
+def test_fused_linear_projection_is_narrowed_too(pieces, monkeypatch):
     torch.manual_seed(0)
-    model, x = FusedProjectionAttention().to(DTYPE).eval(), torch.randn(2, 5, 8, dtype=DTYPE)
+    model, x = FusedProjectionAttention(pieces).to(DTYPE).eval(), torch.randn(2, 5, 8, dtype=DTYPE)
     posterior = select(model, include=["qkv.weight"], variance=1e-3)
     (var, flops, narrowed), (whole_var, whole_flops, _) = narrowing(model, x, posterior, "paper", monkeypatch)
     torch.testing.assert_close(var, whole_var, rtol=1e-12, atol=0)

@@ -9,8 +9,8 @@ hear about it.
 Covariance can also be partly dead: of a fused query/key/value projection
 split three ways, the paper's attention rule reads only the values'
 variances. Where every reader of an affine layer's covariance takes a slice of
-its output features (through views that keep the last dim, then a split of
-it), the layer's rule runs on those features alone.
+its output features (through views that keep the last dim, then splits or
+slices of it), the layer's rule runs on those features alone.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def prune(paired: PairedGraph) -> PruneReport:
             raise UnsupportedOpError(info["op"], info["module_path"], info["problem"])
     dead = [n for n in cov_nodes if n not in needed]
     graph.eliminate_dead_code()
-    narrowed = sum(_narrow(split) for split in list(graph.nodes) if _rule_op(split) in _SPLITS)
+    narrowed = sum(_narrow(node) for node in list(graph.nodes) if _rule_op(node) in OUTPUT_FEATURES)
     graph.lint()
     paired.graph_module.recompile()
     kept = len(cov_nodes) - len(dead)
@@ -93,37 +93,69 @@ def _features(node: torch.fx.Node) -> int | None:
     return int(value.shape[-1]) if isinstance(value, torch.Tensor) and isinstance(value.shape[-1], int) else None
 
 
-def _narrow(split: torch.fx.Node) -> bool:
-    """Narrow the affine covariance feeding a split of the last dim to the pieces read; True if done."""
-    mean_split = split.args[_OUT]
-    pieces = mean_split.meta.get("val")
-    dim = mean_split.args[2] if len(mean_split.args) > 2 else 0
-    if not isinstance(pieces, (list, tuple)) or dim not in (-1, pieces[0].dim() - 1):
-        return False
-    sizes = [int(p.shape[-1]) if isinstance(p.shape[-1], int) else None for p in pieces]
-    read = sorted(user.args[1] for user in split.users if user.target is operator.getitem)
-    if None in sizes or len(read) != len(split.users) or not read or len(read) == len(sizes):
-        return False
-    start, stop = sum(sizes[: read[0]]), sum(sizes[: read[-1] + 1])
-    node = split.args[_COVS][0]
-    while _rule_op(node) in _KEEP_LAST_DIM and len(node.users) == 1 \
-            and _features(node.args[_OUT]) == _features(node.args[_ARGS][0]):
-        node = node.args[_COVS][0]
-    op = _rule_op(node)
-    if op not in OUTPUT_FEATURES or len(node.users) != 1 or node.args[_STRUCTURE] != "diag" \
-            or node.target is not RULES[op].graph_target:
-        return False
+def _is_last_dim(dim, ndim: int) -> bool:
+    return dim in (-1, ndim - 1)
+
+
+def _columns_read(reader: torch.fx.Node, node: torch.fx.Node, width: int) -> tuple[int, int] | None:
+    """The output features [start, stop) that ``reader`` takes from ``node``'s covariance; None: unknown."""
+    op = _rule_op(reader)
+    if (op not in _SPLITS and op is not aten.slice.Tensor) or reader.args[_COVS][0] is not node:
+        return None
+    mean = reader.args[_OUT]
+    args = mean.args
+    if op is aten.slice.Tensor:
+        defaults = (None, 0, None, None, 1)  # input, dim, start, end, step
+        dim, start, stop, step = (args[i] if i < len(args) else defaults[i] for i in range(1, 5))
+        if not _is_last_dim(dim, mean.meta["val"].dim()) or step != 1:
+            return None
+        start, stop = (0 if start is None else start), (width if stop is None else stop)
+        if not (isinstance(start, int) and isinstance(stop, int)):
+            return None
+        start, stop = (v + width if v < 0 else v for v in (start, stop))
+        return max(0, start), min(width, stop)
+    pieces = mean.meta.get("val")
+    sizes = [p.shape[-1] for p in pieces]
+    read = sorted(user.args[1] for user in reader.users if user.target is operator.getitem)
+    dim = args[2] if len(args) > 2 else 0
+    if not _is_last_dim(dim, pieces[0].dim()) or not all(isinstance(n, int) for n in sizes) \
+            or len(read) != len(reader.users) or not read:
+        return None
+    return sum(sizes[: read[0]]), sum(sizes[: read[-1] + 1])
+
+
+def _narrow(affine: torch.fx.Node) -> bool:
+    """Narrow an affine layer's covariance to the output features its readers take; True if done.
+
+    Its readers are found through views that keep the last dim, each a split or
+    slice of the last dim; the columns computed are the span of what they take.
+    """
+    op = _rule_op(affine)
     weight, _, bias = OUTPUT_FEATURES[op]
-    kinds = node.args[_KINDS]
-    weight_mean = node.args[_ARGS][weight]
+    kinds = affine.args[_KINDS]
+    weight_mean = affine.args[_ARGS][weight]
     bias_kind = kinds[bias] if bias is not None and bias < len(kinds) else None
-    if kinds[weight] not in (None, "param_diag") or bias_kind not in (None, "param_diag") \
+    width = _features(affine.args[_OUT])
+    if affine.target is not RULES[op].graph_target or affine.args[_STRUCTURE] != "diag" or width is None \
+            or kinds[weight] not in (None, "param_diag") or bias_kind not in (None, "param_diag") \
             or not isinstance(weight_mean, torch.fx.Node) or weight_mean.meta["val"].dim() != 2:
         return False
-    graph = node.graph
-    with graph.inserting_before(node):
-        narrow = graph.call_function(narrowed_affine, (*node.args, op, slice(start, stop)))
-    narrow.meta = dict(node.meta)
-    node.replace_all_uses_with(narrow)
-    graph.erase_node(node)
+    node = affine
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if _rule_op(user) not in _KEEP_LAST_DIM or _features(user.args[_OUT]) != width:
+            break
+        node = user
+    spans = [_columns_read(reader, node, width) for reader in node.users]
+    if not spans or None in spans:
+        return False
+    start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+    if (start, stop) == (0, width):
+        return False
+    graph = affine.graph
+    with graph.inserting_before(affine):
+        narrow = graph.call_function(narrowed_affine, (*affine.args, op, slice(start, stop)))
+    narrow.meta = dict(affine.meta)
+    affine.replace_all_uses_with(narrow)
+    graph.erase_node(affine)
     return True
