@@ -79,12 +79,16 @@ def linearised_full(call: RuleCall, output: TensorFn | None = None) -> torch.Ten
     """Full output covariance of the op linearised at the means, inputs independent.
 
     Each uncertain activation contributes J S J^T, each uncertain parameter
-    J diag(v) J^T. ``output`` picks a tensor from a multi-output op.
+    J diag(v) J^T. ``output`` picks a tensor from a multi-output op. An empty
+    input (Phi-3's pass-through half of a rotary embedding that covers the
+    whole head) contributes nothing.
     """
     pick = output or (lambda out: out)
     batch = batch_size(call)
     total = None
     for path, mean, cov, kind in call.uncertain():
+        if mean.numel() == 0:
+            continue
         fn = lambda x, path=path: pick(call.call_with({path: x}))  # noqa: E731
         if kind == "full":
             term = sandwich(fn, mean, cov)
@@ -93,6 +97,9 @@ def linearised_full(call: RuleCall, output: TensorFn | None = None) -> torch.Ten
         else:
             raise ValueError(f"{call.op}: unsupported covariance kind '{kind}'")
         total = term if total is None else total + term
+    if total is None:
+        n = pick(call.out).numel() // batch
+        return pick(call.out).new_zeros(batch, n, n)
     return total
 
 

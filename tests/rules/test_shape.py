@@ -9,6 +9,7 @@ from harness import Sample, act, cases, check_sample, param, randn
 
 aten = torch.ops.aten
 x, y = randn(2, 3, 4, seed=1), randn(2, 3, 4, seed=2)
+empty = randn(2, 3, 0, seed=5)  # Phi-3's pass-through half of a rotary embedding over the whole head
 column, matrix = randn(2, 1, 3, seed=3), randn(3, 4, seed=4)
 
 SAMPLES = [
@@ -27,6 +28,8 @@ SAMPLES = [
     Sample(aten.select.int, (act(x), 1, 2)),
     Sample(aten.cat.default, ([act(x), act(y)], 1)),
     Sample(aten.cat.default, ([act(x), y], 2), name="one-uncertain"),
+    Sample(aten.cat.default, ([act(x), act(empty)], 2), name="empty-part"),
+    Sample(aten.cat.default, ([x, act(empty)], 2), name="only-empty-uncertain"),
     Sample(aten.stack.default, ([act(x), act(y)], 1)),
     Sample(aten.unflatten.int, (act(x), 2, [2, 2])),
     Sample(aten.expand.default, (act(column), [2, 4, 3])),
