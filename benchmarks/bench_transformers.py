@@ -243,7 +243,7 @@ def main() -> None:
                         help=f"rows to run (default: all of {', '.join(repr(m) for m in MODES)})")
     parser.add_argument("--accuracy", action="store_true", help="print the Monte Carlo gap table instead")
     parser.add_argument("--samples", type=int, default=20_000)
-    parser.add_argument("--tiny-models", nargs="+", default=["gpt2", "vit", "bert", "llama"],
+    parser.add_argument("--tiny-models", nargs="+", default=["gpt2", "vit", "bert", "llama", "phi3"],
                         help="tiny test models for --accuracy")
     parser.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
                         help="count every row's FLOPs (an extra eager capture per row; the same on every device)")
