@@ -103,22 +103,23 @@ def _columns_read(reader: torch.fx.Node, node: torch.fx.Node, width: int) -> tup
     if (op not in _SPLITS and op is not aten.slice.Tensor) or reader.args[_COVS][0] is not node:
         return None
     mean = reader.args[_OUT]
-    args = mean.args
+    args, value = mean.args, mean.meta.get("val")
     if op is aten.slice.Tensor:
         defaults = (None, 0, None, None, 1)  # input, dim, start, end, step
         dim, start, stop, step = (args[i] if i < len(args) else defaults[i] for i in range(1, 5))
-        if not _is_last_dim(dim, mean.meta["val"].dim()) or step != 1:
+        if not isinstance(value, torch.Tensor) or not _is_last_dim(dim, value.dim()) or step != 1:
             return None
         start, stop = (0 if start is None else start), (width if stop is None else stop)
         if not (isinstance(start, int) and isinstance(stop, int)):
             return None
         start, stop = (v + width if v < 0 else v for v in (start, stop))
         return max(0, start), min(width, stop)
-    pieces = mean.meta.get("val")
-    sizes = [p.shape[-1] for p in pieces]
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    sizes = [piece.shape[-1] for piece in value]
     read = sorted(user.args[1] for user in reader.users if user.target is operator.getitem)
     dim = args[2] if len(args) > 2 else 0
-    if not _is_last_dim(dim, pieces[0].dim()) or not all(isinstance(n, int) for n in sizes) \
+    if not _is_last_dim(dim, value[0].dim()) or not all(isinstance(n, int) for n in sizes) \
             or len(read) != len(reader.users) or not read:
         return None
     return sum(sizes[: read[0]]), sum(sizes[: read[-1] + 1])
@@ -131,13 +132,14 @@ def _narrow(affine: torch.fx.Node) -> bool:
     slice of the last dim; the columns computed are the span of what they take.
     """
     op = _rule_op(affine)
+    if affine.target is not RULES[op].graph_target or affine.args[_STRUCTURE] != "diag":
+        return False
     weight, _, bias = OUTPUT_FEATURES[op]
     kinds = affine.args[_KINDS]
     weight_mean = affine.args[_ARGS][weight]
     bias_kind = kinds[bias] if bias is not None and bias < len(kinds) else None
     width = _features(affine.args[_OUT])
-    if affine.target is not RULES[op].graph_target or affine.args[_STRUCTURE] != "diag" or width is None \
-            or kinds[weight] not in (None, "param_diag") or bias_kind not in (None, "param_diag") \
+    if width is None or kinds[weight] not in (None, "param_diag") or bias_kind not in (None, "param_diag") \
             or not isinstance(weight_mean, torch.fx.Node) or weight_mean.meta["val"].dim() != 2:
         return False
     node = affine
