@@ -17,7 +17,7 @@ it, from torch's CPU allocator events (torch.profiler) or, on a GPU,
 torch.cuda.max_memory_allocated. FLOPs: what ``torch.utils.flop_counter`` counts
 in one call (matrix products, convolutions, attention), the same for every
 backend; where matrix products dominate a forward, its time ratio to the
-deterministic forward cannot go below its FLOP ratio at the same precision.
+deterministic forward stays close to its FLOP ratio at the same precision.
 
     python benchmarks/bench_transformers.py --out benchmarks/results/transformers.md
     python benchmarks/bench_transformers.py --device cuda --out docs/results/transformers_gpu.md
@@ -109,8 +109,8 @@ def call_flops(model, x, mode: str) -> int:
     """FLOPs of one call of a row, as ``torch.utils.flop_counter`` counts them (matmul, conv, attention).
 
     The same for every backend: an fxstream row counts its rewritten graph, run
-    eagerly outside Dynamo (which refuses the counter's dispatch mode). The
-    time ratio cannot beat this ratio where matrix products dominate the forward.
+    eagerly outside Dynamo (which refuses the counter's dispatch mode). Where
+    matrix products dominate the forward, the time ratio stays close to this one.
     """
     if mode == "MC-10":
         return 10 * call_flops(model, x, "deterministic")

@@ -27,6 +27,9 @@ from ..rules.registry import ACTIVATION_STRUCTURES
 from .capture import CapturedGraph, module_path
 
 ROLE = "fxstream"
+# A rule node's arguments are (args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure, options, batch):
+# the positions later passes read them at.
+RULE_ARGS, RULE_COVS, RULE_KINDS, RULE_KW_KINDS, RULE_OUT, RULE_STRUCTURE = 0, 2, 4, 5, 6, 7
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,11 @@ import torch.fx
 from ..errors import UnsupportedOpError
 from ..rules import RULES
 from ..rules.linear import OUTPUT_FEATURES, narrowed_affine
-from .pair import ROLE, PairedGraph
+from .pair import RULE_ARGS, RULE_COVS, RULE_KINDS, RULE_OUT, RULE_STRUCTURE, ROLE, PairedGraph
 
 aten = torch.ops.aten
 _KEEP_LAST_DIM = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
-# Positions in a rule node's arguments (see pair): mean args, ..., covs, kinds, ..., mean out, structure.
-_ARGS, _COVS, _KINDS, _OUT, _STRUCTURE = 0, 2, 4, 6, 7
 
 
 @dataclass(frozen=True)
@@ -82,9 +80,9 @@ def prune(paired: PairedGraph) -> PruneReport:
 def _rule_op(node: torch.fx.Node):
     """The op whose covariance a rule node computes (None for any other node)."""
     info = node.meta.get(ROLE, {})
-    if info.get("role") != "cov" or node.op != "call_function" or len(node.args) <= _STRUCTURE:
+    if info.get("role") != "cov" or node.op != "call_function" or len(node.args) <= RULE_STRUCTURE:
         return None
-    out = node.args[_OUT]
+    out = node.args[RULE_OUT]
     return out.target if isinstance(out, torch.fx.Node) else None
 
 
@@ -100,9 +98,9 @@ def _is_last_dim(dim, ndim: int) -> bool:
 def _columns_read(reader: torch.fx.Node, node: torch.fx.Node, width: int) -> tuple[int, int] | None:
     """The output features [start, stop) that ``reader`` takes from ``node``'s covariance; None: unknown."""
     op = _rule_op(reader)
-    if (op not in _SPLITS and op is not aten.slice.Tensor) or reader.args[_COVS][0] is not node:
+    if (op not in _SPLITS and op is not aten.slice.Tensor) or reader.args[RULE_COVS][0] is not node:
         return None
-    mean = reader.args[_OUT]
+    mean = reader.args[RULE_OUT]
     args, value = mean.args, mean.meta.get("val")
     if op is aten.slice.Tensor:
         defaults = (None, 0, None, None, 1)  # input, dim, start, end, step
@@ -132,20 +130,20 @@ def _narrow(affine: torch.fx.Node) -> bool:
     slice of the last dim; the columns computed are the span of what they take.
     """
     op = _rule_op(affine)
-    if affine.target is not RULES[op].graph_target or affine.args[_STRUCTURE] != "diag":
+    if affine.target is not RULES[op].graph_target or affine.args[RULE_STRUCTURE] != "diag":
         return False
     weight, _, bias = OUTPUT_FEATURES[op]
-    kinds = affine.args[_KINDS]
-    weight_mean = affine.args[_ARGS][weight]
+    kinds = affine.args[RULE_KINDS]
+    weight_mean = affine.args[RULE_ARGS][weight]
     bias_kind = kinds[bias] if bias is not None and bias < len(kinds) else None
-    width = _features(affine.args[_OUT])
+    width = _features(affine.args[RULE_OUT])
     if width is None or kinds[weight] not in (None, "param_diag") or bias_kind not in (None, "param_diag") \
             or not isinstance(weight_mean, torch.fx.Node) or weight_mean.meta["val"].dim() != 2:
         return False
     node = affine
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if _rule_op(user) not in _KEEP_LAST_DIM or _features(user.args[_OUT]) != width:
+        if _rule_op(user) not in _KEEP_LAST_DIM or _features(user.args[RULE_OUT]) != width:
             break
         node = user
     spans = [_columns_read(reader, node, width) for reader in node.users]

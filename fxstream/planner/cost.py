@@ -45,7 +45,7 @@ import torch
 import torch.fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..passes.pair import ROLE, PairedGraph, input_covariance
+from ..passes.pair import RULE_KINDS, RULE_KW_KINDS, RULE_STRUCTURE, ROLE, PairedGraph, input_covariance
 from .symbolic import SymbolicCapture
 
 Sizes = Mapping[str, int]
@@ -166,8 +166,8 @@ def _structure(node: torch.fx.Node, kinds: dict[str, str]) -> str:
         return node.args[3]
     if node.target is operator.getitem:
         return kinds.get(node.args[0].name, "diag")
-    if node.op == "call_function" and len(node.args) >= 8:
-        return node.args[7]
+    if node.op == "call_function" and len(node.args) > RULE_STRUCTURE:
+        return node.args[RULE_STRUCTURE]
     return "param"
 
 
@@ -361,8 +361,9 @@ def profile(sym: SymbolicCapture, paired: PairedGraph, sizes: Sizes) -> _Profile
 def _node_key(node: torch.fx.Node) -> tuple:
     """What determines a node's FLOPs and workspace: its op, its structure and which inputs are uncertain."""
     info = node.meta.get(ROLE, {})
-    if info.get("role") == "cov" and node.op == "call_function" and len(node.args) >= 8:
-        return (info["of"], info["rule"], repr(node.args[4]), repr(node.args[5]), node.args[7])
+    if info.get("role") == "cov" and node.op == "call_function" and len(node.args) > RULE_STRUCTURE:
+        return (info["of"], info["rule"], repr(node.args[RULE_KINDS]), repr(node.args[RULE_KW_KINDS]),
+                node.args[RULE_STRUCTURE])
     return (node.name, info.get("role"), info.get("rule"))
 
 
