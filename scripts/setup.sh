@@ -13,6 +13,8 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" -e ".[test]"
 # laplace-torch's declared dependencies would pull torchvision and a CUDA torch.
 "${PIP[@]}" --no-deps -r requirements/laplace.txt
+# The zoo's torchvision and timm: --no-deps for the same reason (see requirements/zoo.txt).
+"${PIP[@]}" --no-deps -r requirements/zoo.txt
 # Optional libraries that do not depend on torch (transformers, gguf, ivon-opt):
 # a normal install resolves their own pure-Python dependencies.
 if [ -f requirements/extras.txt ]; then

@@ -5,6 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fxstream._compat import make_torchvision_importable
+
+# torchvision and timm (the zoo's optional extras) import on the CPU torch only with help; laplace-torch
+# imports torchvision through torchmetrics, so this comes before any test module imports either.
+make_torchvision_importable()
+
 
 @pytest.fixture(autouse=True)
 def seeded() -> None:

@@ -33,7 +33,7 @@ from torch.func import jacrev, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fxstream.rules import RULES
-from fxstream.rules.registry import DEFAULT_RULE_OPTIONS
+from fxstream.rules.registry import DEFAULT_RULE_OPTIONS, RuleCall
 
 DTYPE = torch.float64
 
@@ -167,6 +167,22 @@ class Prepared:
         options = {**DEFAULT_RULE_OPTIONS, **(options or {})}
         return rule.graph_target(args, kwargs, covs, kw_covs, kinds, kw_kinds, self.out, structure, options)
 
+    def problem(self, structure: str, options: dict | None = None) -> str | None:
+        """The rule's capability check on this call, as the pair pass runs it (covs hold the kinds)."""
+        rule = RULES[self.sample.op]
+        if rule.supports is None:
+            return None
+        by_path = {leaf.path: leaf for leaf in self.leaves}
+        flat_kind = [None if i not in by_path else "param_diag" if by_path[i].unc.role == "param" else structure
+                     for i in range(len(self.leaves_all))]
+        flat_mean = [v.mean if isinstance(v, Uncertain) else v for v in self.leaves_all]
+        args, kwargs = tree_unflatten(flat_mean, self.spec)
+        kinds, kw_kinds = tree_unflatten(flat_kind, self.spec)
+        kw_kinds = {k: v for k, v in kw_kinds.items() if v is not None}
+        options = {**DEFAULT_RULE_OPTIONS, **(options or {})}
+        return rule.supports(RuleCall(self.sample.op, args, kwargs, kinds, kw_kinds, kinds, kw_kinds, self.out,
+                                      structure, options))
+
     def batch(self) -> int:
         acts = [leaf for leaf in self.leaves if leaf.unc.role == "act"]
         return acts[0].unc.mean.shape[0] if acts else self.outputs(self.out)[0].shape[0]
@@ -186,12 +202,12 @@ class Prepared:
         inputs = self.input_covariances(structure)
         outs = self.outputs(self.out)
         totals = [torch.zeros(o.numel(), o.numel(), dtype=DTYPE) for o in outs]
-        jacobians = jacrev(lambda *v: tuple(self.outputs(self.fn(*v))), argnums=tuple(range(len(self.leaves))))(
-            *self.means
-        )
+        filled = [o for o, out in enumerate(outs) if out.numel()]  # empty outputs (saved statistics) stay zero
+        jacobians = jacrev(lambda *v: tuple(self.outputs(self.fn(*v))[o] for o in filled),
+                           argnums=tuple(range(len(self.leaves))))(*self.means)
         for k, (leaf, s) in enumerate(zip(self.leaves, inputs)):
-            for o, out in enumerate(outs):
-                j = jacobians[o][k].reshape(out.numel(), leaf.unc.mean.numel())
+            for j, o in zip(jacobians, filled):
+                j = j[k].reshape(outs[o].numel(), leaf.unc.mean.numel())
                 totals[o] = totals[o] + j @ s @ j.T
         if self.sample.exact and second_order:
             for a, b in itertools.combinations(range(len(self.leaves)), 2):
@@ -219,7 +235,8 @@ class Prepared:
             return tuple(p - q - r + s for p, q, r, s in terms)
 
         both = vmap(vmap(cross, in_dims=(None, 0)), in_dims=(0, None))(la, lb)
-        return [f.reshape(-1, f[0, 0].numel()).T @ f.reshape(-1, f[0, 0].numel()) for f in both]
+        flat = [f.reshape(f.shape[0] * f.shape[1], f[0, 0].numel()) for f in both]
+        return [f.T @ f for f in flat]
 
     def monte_carlo(self, structure: str, samples: int, seed: int = 0) -> list[torch.Tensor]:
         """Empirical output variances under Gaussian inputs with the sample's covariances."""
@@ -274,6 +291,8 @@ def check_sample(sample: Sample, structure: str, mc_samples: int = 20_000, optio
     """
     second_order = (options or {}).get("products", "moments") == "moments"
     prepared = Prepared(sample)
+    problem = prepared.problem(structure, options)
+    assert problem is None, f"{sample.id} [{structure}]: the rule declines this call: {problem}"
     if structure == "param_diag":
         assert RULES[sample.op].param_passthrough, f"{sample.id}: the rule is not registered as a passthrough"
         assert all(leaf.unc.role == "param" for leaf in prepared.leaves), f"{sample.id}: not parameters only"
@@ -283,6 +302,9 @@ def check_sample(sample: Sample, structure: str, mc_samples: int = 20_000, optio
     assert len(actual) == len(outs), f"{sample.id}: rule returned {len(actual)} covariances for {len(outs)} outputs"
     for o, (got, dense, out) in enumerate(zip(actual, expected, outs)):
         what = f"{sample.id} [{structure}] output {o}"
+        if got is None:  # the rule says this output carries no uncertainty
+            assert not dense.any(), f"{what}: the rule returned no covariance for an uncertain output"
+            continue
         if structure == "full":
             _close(got, per_sample_blocks(dense, prepared.batch()), what)
             variances = got.diagonal(dim1=-2, dim2=-1).reshape(out.shape)
@@ -298,6 +320,11 @@ def check_sample(sample: Sample, structure: str, mc_samples: int = 20_000, optio
             mc = prepared.monte_carlo("diag", mc_samples)[o]
             rel = ((variances - mc).abs() / mc.clamp_min(1e-12)).max().item()
             assert rel < 0.08, f"{what}: exact-moment rule is {rel:.1%} from {mc_samples}-sample Monte Carlo"
+
+
+def capability_problem(sample: Sample, structure: str = "diag", options: dict | None = None) -> str | None:
+    """Why the rule of ``sample.op`` declines this call (its ``supports`` check), or None."""
+    return Prepared(sample).problem(structure, options)
 
 
 def structures_to_check(sample: Sample) -> list[str]:

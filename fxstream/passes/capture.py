@@ -1,10 +1,15 @@
-"""capture: a Dynamo graph re-traced to layer-level ATen, with every placeholder classified.
+"""capture: a Dynamo graph re-traced to functional, layer-level ATen, with every placeholder classified.
 
 Dynamo hands a backend a torch-level graph whose placeholders are the model's
 inputs, parameters and buffers. Re-tracing it with ``make_fx(pre_dispatch=True)``
 yields ATen ops at the granularity of layers (``aten.linear``, ``aten.conv2d``,
 ``aten.layer_norm``, ...), the unit at which covariance rules and per-layer
 structure choices are made, while keeping ``nn_module_stack`` for messages.
+
+The re-trace runs under PyTorch's own functionalization (export's pre-dispatch
+mode, which keeps functional layer-level ops whole), so in-place and ``out=``
+variants (``relu_``, ``add_``, ``dropout_``, ``copy_`` into a view) arrive as
+their functional forms and the pair pass never sees a mutation.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ from typing import Literal
 import torch
 import torch.fx
 import torch.fx.traceback as fx_traceback
+import torch.utils._pytree as pytree
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..errors import CaptureError
@@ -92,18 +100,33 @@ def capture(dynamo_gm: torch.fx.GraphModule, example_inputs: list) -> CapturedGr
     fake_mode = next((v.fake_mode for v in fake_values if isinstance(v, FakeTensor)), None)
     if fake_mode is None:
         raise CaptureError("the Dynamo graph carries no fake tensors; capture needs torch.compile's graph")
-    interpreter = torch.fx.Interpreter(dynamo_gm)
     # The fake tracing modes re-use the inputs' fake mode, so tensors the graph
     # creates itself (torch.arange position ids, constants) are fake in that same
     # mode; "symbolic" keeps a dynamic graph's sizes as the shape env's symbols.
     mode = "symbolic" if any(_is_symbolic(v) for v in fake_values) else "fake"
-    with fx_traceback.preserve_node_meta():
-        aten_gm = make_fx(interpreter.run, pre_dispatch=True, tracing_mode=mode)(*fake_values)
+    with fx_traceback.preserve_node_meta(), enable_python_dispatcher(), \
+            FunctionalTensorMode(pre_dispatch=True, export=True):
+        aten_gm = make_fx(_functional(torch.fx.Interpreter(dynamo_gm).run), pre_dispatch=True,
+                          tracing_mode=mode)(*fake_values)
     aten_gm.graph.eliminate_dead_code()
     aten_gm.recompile()
     for placeholder, node in zip(placeholders, aten_gm.graph.find_nodes(op="placeholder")):
         placeholder.name = node.name
     return CapturedGraph(aten_gm, placeholders, list(example_inputs))
+
+
+def _functional(fn):
+    """``fn`` on functional tensors: every mutation it makes is traced as a functional op."""
+
+    def unwrap(tensor: FunctionalTensor) -> torch.Tensor:
+        torch._sync(tensor)
+        return torch._from_functional_tensor(tensor.elem)
+
+    def run(*args):
+        out = fn(*pytree.tree_map_only(torch.Tensor, FunctionalTensor.to_functional, args))
+        return pytree.tree_map_only(FunctionalTensor, unwrap, out)
+
+    return run
 
 
 def module_path(node: torch.fx.Node) -> str:

@@ -23,7 +23,7 @@ from ..rules import DEFAULT_RULE_OPTIONS, RULES, mean_only_nodes
 from ..rules.linearise import diag_to_full, full_to_diag
 from ..rules.region import elementwise_joins, region_covariance
 from ..rules.residual import residual_covariance, residual_joins
-from ..rules.registry import ACTIVATION_STRUCTURES
+from ..rules.registry import ACTIVATION_STRUCTURES, RuleCall
 from .capture import CapturedGraph, module_path
 
 ROLE = "fxstream"
@@ -195,6 +195,12 @@ def pair(
         args = map_aggregate(node.args, lambda a: mean[a] if isinstance(a, torch.fx.Node) else a)
         kwargs = map_aggregate(dict(node.kwargs), lambda a: mean[a] if isinstance(a, torch.fx.Node) else a)
         problem = _rule_problem(rule, out_structure, uncertain, kind)
+        if problem is None and rule.supports is not None:
+            example = lambda a: a.meta.get("val") if isinstance(a, torch.fx.Node) else a  # noqa: E731
+            problem = rule.supports(RuleCall(
+                node.target, map_aggregate(node.args, example), map_aggregate(dict(node.kwargs), example),
+                tuple(None if i in unread else k for i, k in enumerate(kinds)), kw_kinds, kinds, kw_kinds,
+                node.meta.get("val"), out_structure, options))
         if problem is None:
             cov_node = graph.call_function(
                 rule.graph_target,

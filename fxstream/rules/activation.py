@@ -42,11 +42,16 @@ def elementwise(call: RuleCall) -> torch.Tensor:
     return call.cov(0) * slope.square()
 
 
+def _not_training(call: RuleCall) -> str | None:
+    if call.op is aten.dropout.default and call.arg(2):
+        return "dropout in training mode is random; call model.eval() before streamlining"
+    return None
+
+
 @register(aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
-          aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.detach.default, param_passthrough=True)
+          aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.detach.default, param_passthrough=True,
+          supports=_not_training)
 def identity(call: RuleCall) -> torch.Tensor:
     """Ops that return their input's values (dropout in eval mode, copies, dtype casts)."""
-    if call.op is aten.dropout.default and call.arg(2):
-        raise ValueError("dropout in training mode is random; call model.eval() before streamlining")
     cov = call.cov(0)
     return cov.to(call.out.dtype) if isinstance(cov, torch.Tensor) else cov

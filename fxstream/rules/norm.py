@@ -50,6 +50,21 @@ def batch_norm(call: RuleCall) -> torch.Tensor:
     return torch.broadcast_to(var, call.out.shape)
 
 
+@register(aten._native_batch_norm_legit_no_training.default)
+def batch_norm_functional(call: RuleCall) -> tuple[torch.Tensor, None, None]:
+    """The functionalised eval batch norm (what ``batch_norm`` becomes at capture): (y, mean, 1/std).
+
+    y follows :func:`batch_norm`; the saved statistics come from the running
+    buffers and carry no uncertainty (None).
+    """
+    x, gamma, beta, running_mean, running_var, momentum, eps = (call.arg(i) for i in range(7))
+    as_batch_norm = dataclasses.replace(
+        call, op=aten.batch_norm.default, args=(x, gamma, beta, running_mean, running_var, False, momentum, eps, True),
+        kwargs={}, covs=tuple(call.covs[:5]), kinds=tuple(call.kinds[:5]), kw_covs={}, kw_kinds={}, out=call.out[0],
+    )
+    return batch_norm(as_batch_norm), None, None
+
+
 def layer_statistics(x: torch.Tensor, dims: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and 1 / sqrt(biased variance + eps) over the last ``dims`` dimensions, as layer_norm uses."""
     reduced = tuple(range(-dims, 0))

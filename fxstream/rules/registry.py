@@ -157,6 +157,10 @@ def _replace(container: Any, rest: Path, value: Any) -> Any:
 
 
 RuleFn = Callable[[RuleCall], Any]
+#: A capability check: given the call as the pair pass sees it before anything runs (arguments
+#: are example values such as fake tensors; ``covs`` holds the structure name of each uncertain
+#: argument in place of its covariance), the reason the rule cannot handle it, or None.
+Supports = Callable[[RuleCall], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,7 @@ class Rule:
     param_passthrough: bool = False
     graph_target: Callable[..., Any] = field(compare=False, default=None)  # type: ignore[assignment]
     unread: Callable[[Mapping[str, str]], tuple[int, ...]] = field(compare=False, default=lambda options: ())
+    supports: Supports | None = field(compare=False, default=None)
 
     @property
     def name(self) -> str:
@@ -208,6 +213,7 @@ def register(
     param_kinds: tuple[str, ...] = ("param_diag",),
     param_passthrough: bool = False,
     unread: Callable[[Mapping[str, str]], tuple[int, ...]] = lambda options: (),
+    supports: Supports | None = None,
 ) -> Callable[[RuleFn], RuleFn]:
     """Register ``fn`` as the covariance rule of each overload in ``ops``.
 
@@ -218,6 +224,10 @@ def register(
     ``unread(options)``: the positional arguments whose covariance the rule
     ignores under those rule options; the pair pass does not hand them over, so
     pruning drops the covariance upstream that only they would have read.
+    ``supports(call)``: the capability check (see :data:`Supports`); the pair pass runs it
+    on every call of the op that needs a covariance, so a configuration the rule does not
+    handle becomes an ``UnsupportedOpError`` naming the module, never an error from inside
+    the rule.
     """
 
     def decorate(fn: RuleFn) -> RuleFn:
@@ -226,7 +236,7 @@ def register(
             if op in RULES:
                 raise RuntimeError(f"two rules registered for {op}: {RULES[op].name} and {fn.__name__}")
             RULES[op] = Rule(op, fn, family, structures, param_kinds, param_passthrough, _graph_target(fn, op),
-                             unread)
+                             unread, supports)
         return fn
 
     return decorate

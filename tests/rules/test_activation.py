@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import Sample, act, cases, check_sample, param, rand, randn
+from harness import Sample, act, capability_problem, cases, check_sample, param, rand, randn
 
 aten = torch.ops.aten
 x = randn(3, 4, seed=1)
@@ -49,5 +49,4 @@ def test_rule(sample: Sample, structure: str) -> None:
 
 
 def test_dropout_in_training_mode_is_rejected() -> None:
-    with pytest.raises(ValueError, match="model.eval"):
-        check_sample(Sample(aten.dropout.default, (act(x), 0.5, True)), "diag")
+    assert "model.eval" in capability_problem(Sample(aten.dropout.default, (act(x), 0.5, True)))

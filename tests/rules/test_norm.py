@@ -25,6 +25,11 @@ SAMPLES = [
     Sample(aten.batch_norm.default, batch_norm(maps, param(gamma), param(beta)), exact=True, name="params-only"),
     Sample(aten.batch_norm.default, batch_norm(act(maps), gamma, beta), name="input-only"),
     Sample(aten.batch_norm.default, batch_norm(act(maps), None, None), name="no-affine"),
+    Sample(aten._native_batch_norm_legit_no_training.default,
+           (act(maps, 0.5), param(gamma, 0.5), param(beta), running_mean, running_var, 0.1, 1e-5), exact=True,
+           monte_carlo=True, name="functional"),
+    Sample(aten._native_batch_norm_legit_no_training.default,
+           (act(features), None, None, running_mean, running_var, 0.1, 1e-5), name="functional-no-affine"),
 ]
 
 
