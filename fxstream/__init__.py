@@ -7,10 +7,12 @@ from .errors import (
     FxstreamError,
     GraphBreakError,
     NoPredictiveError,
+    PassError,
     PosteriorMismatchError,
     UnsupportedOpError,
 )
 from .importers import from_ivon, from_laplace
+from . import pipeline
 from .planner import BudgetError, Plan, plan
 from .posterior import KFAC, Dense, Diagonal, LowRank, Mixed, ParameterCovariance, Posterior
 from .predictive import Predictive
@@ -30,6 +32,7 @@ __all__ = [
     "FxstreamError",
     "GraphBreakError",
     "NoPredictiveError",
+    "PassError",
     "Posterior",
     "PosteriorMismatchError",
     "Predictive",

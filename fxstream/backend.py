@@ -17,7 +17,8 @@ import torch.fx
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import FxstreamError, NoPredictiveError, PosteriorMismatchError
-from .passes import CapturedGraph, PairedGraph, PruneReport, Source, capture, lower, pair, prune
+from .passes import CapturedGraph, PairedGraph, PruneReport, capture, lower
+from .pipeline import rewrite
 from .posterior import Posterior
 from .predictive import Predictive
 from .rules.linearise import full_to_diag
@@ -119,80 +120,12 @@ def predictive(output: torch.Tensor) -> Predictive:
     return Predictive(output, *found)
 
 
-def _parameter_names(captured: CapturedGraph, model: torch.nn.Module | None) -> dict[str, str]:
-    """placeholder name -> parameter name, by identity with the model when we have it."""
-    canonical = {id(p): name for name, p in model.named_parameters()} if model is not None else {}
-    names = {}
-    for placeholder in captured.placeholders:
-        if placeholder.role == "parameter":
-            name = canonical.get(id(placeholder.tensor), placeholder.qualified_name)
-            names[placeholder.name] = name
-    return names
-
-
-def _sources(captured: CapturedGraph, options: StreamlineOptions) -> dict[str, Source]:
-    sources: dict[str, Source] = {}
-    posterior = options.posterior
-    if posterior is not None:
-        by_name = _parameter_names(captured, options.model)
-        tensors = {by_name[p.name]: p.tensor for p in captured.placeholders if p.name in by_name}
-        wanted = set(posterior.parameter_names())
-        if options.model is None:
-            missing = sorted(wanted - set(tensors))
-            if missing:
-                raise PosteriorMismatchError(
-                    f"the posterior names parameter '{missing[0]}', which this captured graph does not use "
-                    f"(it uses: {sorted(tensors)[:8]}{' ...' if len(tensors) > 8 else ''}). Either the name is "
-                    "wrong, or the model has a graph break that split it into several graphs: compile with "
-                    "fullgraph=True to see the break, since covariance cannot cross one"
-                )
-            posterior.validate(tensors)
-        for placeholder_name, name in by_name.items():
-            if name in wanted:
-                cov = posterior.covariance(name)
-                param = tensors[name]
-                sources[placeholder_name] = Source(
-                    cov.kind, tuple(t.to(dtype=param.dtype, device=param.device) for t in cov.tensors)
-                )
-    given = options.input_var if options.input_var is not None else options.input_cov
-    if given is not None:
-        inputs = [p for p in captured.inputs() if torch.is_floating_point(p.tensor)]
-        if not inputs:
-            raise FxstreamError("input_var / input_cov given, but the model has no floating-point input")
-        first = inputs[0]
-        buffer = torch.as_tensor(given, dtype=first.tensor.dtype, device=first.tensor.device)
-        _check_input_uncertainty(buffer, first.tensor, diagonal=options.input_var is not None)
-        sources[first.name] = Source("diag" if options.input_var is not None else "full", (buffer,))
-    return sources
-
-
-def _check_input_uncertainty(buffer: torch.Tensor, x: torch.Tensor, diagonal: bool) -> None:
-    """input_var must broadcast to the input; input_cov must be (N, N) or (B, N, N), N per sample."""
-    if diagonal:
-        if (buffer < 0).any():
-            raise FxstreamError("input_var has negative entries; variances must be >= 0")
-        try:
-            torch.broadcast_shapes(buffer.shape, x.shape)
-        except RuntimeError:
-            raise FxstreamError(
-                f"input_var of shape {tuple(buffer.shape)} does not broadcast to the input's shape {tuple(x.shape)}"
-            ) from None
-        return
-    n = x[0].numel()
-    if buffer.shape not in ((n, n), (x.shape[0], n, n)):
-        raise FxstreamError(
-            f"input_cov must have shape ({n}, {n}) or ({x.shape[0]}, {n}, {n}) for an input of shape "
-            f"{tuple(x.shape)}, got {tuple(buffer.shape)}"
-        )
-
-
 def compile_streamlined(gm: torch.fx.GraphModule, example_inputs: list, options: StreamlineOptions) -> Streamlined:
-    """Run the pipeline capture -> pair -> prune -> lower on one Dynamo graph."""
+    """Run the pipeline capture -> decompose -> pair -> prune -> lower on one Dynamo graph."""
     captured = capture(gm, example_inputs)
-    paired = pair(captured, _sources(captured, options), options.activation_cov, options.outputs, options.rule_options)
-    report = prune(paired)
-    streamlined = Streamlined(captured, paired, report, options)
-    streamlined.compiled = lower(paired.graph_module, example_inputs, options.backend)
+    rewritten = rewrite(captured, options)
+    streamlined = Streamlined(captured, rewritten.paired, rewritten.report, options)
+    streamlined.compiled = lower(rewritten.paired.graph_module, example_inputs, options.backend)
     if options.on_compile is not None:
         options.on_compile(streamlined)
     return streamlined

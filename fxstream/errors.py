@@ -8,17 +8,25 @@ class FxstreamError(Exception):
 
 
 class UnsupportedOpError(FxstreamError):
-    """An op receives an uncertain input but fxstream has no rule for it."""
+    """Ops receive an uncertain input but fxstream has no rule for them (nor a decomposition into ruled ops).
 
-    def __init__(self, op: str, module_path: str, detail: str = "") -> None:
-        self.op = op
-        self.module_path = module_path
-        where = f" in {module_path}" if module_path else ""
-        extra = f" ({detail})" if detail else ""
+    ``unsupported`` lists every such op as (op, module path, why), in graph order; ``op`` and
+    ``module_path`` are the first one's.
+    """
+
+    def __init__(self, unsupported: list[tuple[str, str, str]]) -> None:
+        self.unsupported = list(dict.fromkeys(unsupported))
+        self.op, self.module_path, _ = self.unsupported[0]
+        lines = []
+        for op, module_path, detail in self.unsupported:
+            where = f" in {module_path}" if module_path else ""
+            extra = f": {detail}" if detail else ": no rule, and PyTorch has no decomposition into ops with rules"
+            lines.append(f"  - '{op}'{where}{extra}")
+        noun = "op has" if len(self.unsupported) == 1 else f"{len(self.unsupported)} ops have"
         super().__init__(
-            f"no covariance rule for op '{op}'{where}{extra}, and an uncertain input reaches it. "
-            "Either make the parameters upstream of it deterministic (leave them out of the "
-            "posterior), or file the op with fxstream so a rule can be added."
+            f"an uncertain input reaches ops fxstream cannot pair with a covariance ({noun} no covariance rule "
+            "for this call):\n" + "\n".join(lines) + "\nEither make the parameters upstream of them deterministic "
+            "(leave them out of the posterior), or file the op with fxstream so a rule can be added."
         )
 
 
@@ -36,3 +44,14 @@ class CaptureError(FxstreamError):
 
 class NoPredictiveError(FxstreamError):
     """fxstream.predictive() was given a tensor that no streamlined call produced."""
+
+
+class PassError(FxstreamError):
+    """A pass of the pipeline failed for a reason of its own: a bug to report, with the pass named."""
+
+    def __init__(self, pass_name: str, error: Exception) -> None:
+        self.pass_name = pass_name
+        super().__init__(
+            f"fxstream's '{pass_name}' pass failed: {type(error).__name__}: {error}. This is a bug in fxstream; "
+            "please report it with the model (or a small module that shows it)."
+        )

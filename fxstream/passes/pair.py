@@ -19,12 +19,13 @@ import torch.fx
 from torch.fx.node import map_aggregate
 
 from ..errors import CaptureError, FxstreamError
-from ..rules import DEFAULT_RULE_OPTIONS, RULES, mean_only_nodes
+from ..rules import DEFAULT_RULE_OPTIONS, RULES, VALUE_INDEPENDENT, mean_only_nodes
 from ..rules.linearise import diag_to_full, full_to_diag
 from ..rules.region import elementwise_joins, region_covariance
 from ..rules.residual import residual_covariance, residual_joins
 from ..rules.registry import ACTIVATION_STRUCTURES, RuleCall
 from .capture import CapturedGraph, module_path
+from .decompose import DECOMPOSED_FROM
 
 ROLE = "fxstream"
 # A rule node's arguments are (args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure, options, batch):
@@ -99,150 +100,215 @@ def pair(
     at their means (e.g. attention probabilities in the paper's rule) and get
     no covariance.
     """
-    options = {**DEFAULT_RULE_OPTIONS, **(rule_options or {})}
-    old = captured.graph_module.graph
-    held_at_mean = mean_only_nodes(old, options)
-    joins = elementwise_joins(old)
-    residuals = residual_joins(old, held_at_mean, options["norm"]) if options["residual"] == "linearised" else {}
-    graph = torch.fx.Graph()
-    root = torch.nn.Module()
-    mean: dict[torch.fx.Node, torch.fx.Node] = {}
-    cov: dict[torch.fx.Node, object] = {}
-    kind: dict[torch.fx.Node, object] = {}
-    data_dependent: set[torch.fx.Node] = set()
-    input_names = {p.name for p in captured.inputs()}
-    first_input: torch.fx.Node | None = None
-    batch: torch.fx.Node | None = None  # the input's leading size, made once for full-structure rules
+    return Pairing(captured, sources, structure, rule_options).run(requested)
 
-    def batch_for(out_structure: str) -> torch.fx.Node | None:
-        """The input's leading size, which full-structure rules take (made once, where first needed)."""
-        nonlocal batch
-        if out_structure != "full":
-            return None
-        if batch is None and first_input is not None:
-            batch = graph.call_function(torch.ops.aten.sym_size.int, (first_input, 0))
-        return batch
 
-    def looked_up(table: dict) -> Callable:
-        """arg -> what ``table`` holds for it (None for non-nodes and nodes it lacks)."""
-        return lambda arg: table.get(arg) if isinstance(arg, torch.fx.Node) else None
+class Pairing:
+    """The pair pass as one handler per kind of node, in the manner of ``torch.fx.Interpreter``.
 
-    def buffer(tensor: torch.Tensor) -> torch.fx.Node:
-        name = f"fxstream_cov_{len(root._buffers)}"
-        root.register_buffer(name, tensor)
-        return graph.get_attr(name)
+    :meth:`run` walks the captured graph once; every node is copied as its mean
+    (:meth:`copy_mean`), then handled by the method for its op (``placeholder``,
+    ``get_attr``, ``call_function``), which gives it a covariance node where an
+    uncertainty source reaches it: a source buffer, a ``getitem`` of a
+    multi-output covariance, the joint linearisation of an elementwise region,
+    its op's rule (plus a residual join's cross term), or an ``unsupported``
+    marker for pruning to report.
+    """
 
-    output_node = None
-    for node in old.nodes:
-        if node.op == "output":
-            output_node = node
-            break
-        new = graph.node_copy(node, lambda n: mean[n])
-        mean[node] = new
-        if node.op == "get_attr":
-            _copy_attribute(captured.graph_module, root, node.target)
+    def __init__(self, captured: CapturedGraph, sources: Mapping[str, Source], structure: str,
+                 rule_options: Mapping[str, str] | None = None) -> None:
+        self.captured, self.sources, self.structure = captured, sources, structure
+        self.options = {**DEFAULT_RULE_OPTIONS, **(rule_options or {})}
+        old = captured.graph_module.graph
+        self.held_at_mean = mean_only_nodes(old, self.options)
+        self.joins = elementwise_joins(old)
+        self.residuals = residual_joins(old, self.held_at_mean, self.options["norm"]) \
+            if self.options["residual"] == "linearised" else {}
+        self.graph = torch.fx.Graph()
+        self.root = torch.nn.Module()
+        self.mean: dict[torch.fx.Node, torch.fx.Node] = {}
+        self.cov: dict[torch.fx.Node, object] = {}
+        self.kind: dict[torch.fx.Node, object] = {}
+        self.data_dependent: set[torch.fx.Node] = set()
+        self.input_names = {p.name for p in captured.inputs()}
+        self.first_input: torch.fx.Node | None = None
+        self.batch: torch.fx.Node | None = None  # the input's leading size, made once for full-structure rules
+
+    def run(self, requested: list[int] | None) -> PairedGraph:
+        output_node = None
+        for node in self.captured.graph_module.graph.nodes:
+            if node.op == "output":
+                output_node = node
+                break
+            self.copy_mean(node)
+            getattr(self, node.op)(node)
+        if output_node is None:
+            raise CaptureError("captured graph has no output")
+        return self.output(output_node, requested)
+
+    def copy_mean(self, node: torch.fx.Node) -> None:
+        new = self.graph.node_copy(node, lambda n: self.mean[n])
         new.meta[ROLE] = {"role": "mean"}
-        if node.op == "placeholder":
-            if node.name in input_names:
-                data_dependent.add(node)
-                first_input = first_input or new
-            source = sources.get(node.name)
-            if source is not None:
-                if node.name in input_names:
-                    cov_node = graph.call_function(
-                        input_covariance, (new, buffer(source.tensors[0]), source.kind, structure)
-                    )
-                    kind[node] = structure
-                else:
-                    tensors = tuple(buffer(t) for t in source.tensors)
-                    cov_node = tensors[0] if len(tensors) == 1 else tensors
-                    kind[node] = source.kind
-                _tag(cov_node, node, "source")
-                cov[node] = cov_node
-            continue
-        if any(n in data_dependent for n in node.all_input_nodes):
-            data_dependent.add(node)
-        uncertain = [n for n in node.all_input_nodes if n in cov]
-        if not uncertain or not _carries_float(node) or node in held_at_mean:
-            continue
+        self.mean[node] = new
+        if any(n in self.data_dependent for n in node.all_input_nodes):
+            self.data_dependent.add(node)
+
+    def placeholder(self, node: torch.fx.Node) -> None:
+        new = self.mean[node]
+        if node.name in self.input_names:
+            self.data_dependent.add(node)
+            self.first_input = self.first_input or new
+        source = self.sources.get(node.name)
+        if source is None:
+            return
+        if node.name in self.input_names:
+            cov_node = self.graph.call_function(
+                input_covariance, (new, self.buffer(source.tensors[0]), source.kind, self.structure))
+            self.kind[node] = self.structure
+        else:
+            tensors = tuple(self.buffer(t) for t in source.tensors)
+            cov_node = tensors[0] if len(tensors) == 1 else tensors
+            self.kind[node] = source.kind
+        _tag(cov_node, node, "source")
+        self.cov[node] = cov_node
+
+    def get_attr(self, node: torch.fx.Node) -> None:
+        _copy_attribute(self.captured.graph_module, self.root, node.target)
+
+    def call_function(self, node: torch.fx.Node) -> None:
+        uncertain = [n for n in node.all_input_nodes if n in self.cov]
+        if not uncertain or not _carries_float(node) or node in self.held_at_mean \
+                or node.target in VALUE_INDEPENDENT:
+            return
         if node.target is operator.getitem:
-            source_node, index = node.args
-            cov[node] = graph.call_function(operator.getitem, (cov[source_node], index))
-            kind[node] = _item(kind[source_node], index)
-            _tag(cov[node], node, "getitem")
-            continue
-        out_structure = structure if node in data_dependent else _param_kind(uncertain, kind)
-        region = joins.get(node)
-        if region is not None and kind.get(region.source) in ACTIVATION_STRUCTURES:
-            name = f"fxstream_region_{node.name}"
-            root.add_module(name, region.function())
-            function = graph.get_attr(name)
-            _tag(function, node, "elementwise_region")
-            cov[node] = graph.call_function(
-                region_covariance,
-                ((function, mean[region.source]), {}, (None, cov[region.source]), {}, (None, kind[region.source]),
-                 {}, new, out_structure, options, batch_for(out_structure)),
-            )
-            _tag(cov[node], node, "elementwise_region")
-            kind[node] = out_structure
-            continue
+            self.getitem(node)
+            return
+        out_structure = self.structure if node in self.data_dependent else _param_kind(uncertain, self.kind)
+        region = self.joins.get(node)
+        if region is not None and self.kind.get(region.source) in ACTIVATION_STRUCTURES:
+            self.cov[node] = self.region(node, region, out_structure)
+        else:
+            self.cov[node] = self.rule(node, uncertain, out_structure)
+        self.kind[node] = out_structure
+
+    def call_module(self, node: torch.fx.Node) -> None:
+        raise CaptureError(f"captured graph calls module '{node.target}'; capture should have inlined it")
+
+    call_method = call_module
+
+    def getitem(self, node: torch.fx.Node) -> None:
+        """One output of a multi-output op: the same item of its covariances."""
+        source_node, index = node.args
+        self.cov[node] = self.graph.call_function(operator.getitem, (self.cov[source_node], index))
+        self.kind[node] = _item(self.kind[source_node], index)
+        _tag(self.cov[node], node, "getitem")
+
+    def region(self, node: torch.fx.Node, region, out_structure: str) -> torch.fx.Node:
+        """An elementwise region whose paths rejoin: linearised as one function of its source."""
+        name = f"fxstream_region_{node.name}"
+        self.root.add_module(name, region.function())
+        function = self.graph.get_attr(name)
+        _tag(function, node, "elementwise_region")
+        cov_node = self.graph.call_function(
+            region_covariance,
+            ((function, self.mean[region.source]), {}, (None, self.cov[region.source]), {},
+             (None, self.kind[region.source]), {}, self.mean[node], out_structure, self.options,
+             self.batch_for(out_structure)),
+        )
+        _tag(cov_node, node, "elementwise_region")
+        return cov_node
+
+    def rule(self, node: torch.fx.Node, uncertain: list[torch.fx.Node], out_structure: str) -> torch.fx.Node:
+        """The op's rule, called on the means and the covariances it reads; a marker where it has none."""
         rule = RULES.get(node.target)
-        unread = rule.unread(options) if rule is not None else ()
-        covs = tuple(None if i in unread else map_aggregate(a, looked_up(cov)) for i, a in enumerate(node.args))
-        kw_covs = map_aggregate(dict(node.kwargs), looked_up(cov))
-        kinds = map_aggregate(node.args, looked_up(kind))
-        kw_kinds = map_aggregate(dict(node.kwargs), looked_up(kind))
-        args = map_aggregate(node.args, lambda a: mean[a] if isinstance(a, torch.fx.Node) else a)
-        kwargs = map_aggregate(dict(node.kwargs), lambda a: mean[a] if isinstance(a, torch.fx.Node) else a)
-        problem = _rule_problem(rule, out_structure, uncertain, kind)
+        unread = rule.unread(self.options) if rule is not None else ()
+        covs = tuple(None if i in unread else map_aggregate(a, self.looked_up(self.cov))
+                     for i, a in enumerate(node.args))
+        kw_covs = map_aggregate(dict(node.kwargs), self.looked_up(self.cov))
+        kinds = map_aggregate(node.args, self.looked_up(self.kind))
+        kw_kinds = map_aggregate(dict(node.kwargs), self.looked_up(self.kind))
+        problem = _rule_problem(rule, out_structure, uncertain, self.kind)
         if problem is None and rule.supports is not None:
             example = lambda a: a.meta.get("val") if isinstance(a, torch.fx.Node) else a  # noqa: E731
             problem = rule.supports(RuleCall(
                 node.target, map_aggregate(node.args, example), map_aggregate(dict(node.kwargs), example),
                 tuple(None if i in unread else k for i, k in enumerate(kinds)), kw_kinds, kinds, kw_kinds,
-                node.meta.get("val"), out_structure, options))
-        if problem is None:
-            cov_node = graph.call_function(
-                rule.graph_target,
-                (args, kwargs, covs, kw_covs, kinds, kw_kinds, new, out_structure, options, batch_for(out_structure)),
-            )
-            _tag(cov_node, node, rule.name)
-            residual = residuals.get(node)
-            if residual is not None and kind.get(residual.fork) == "diag" and out_structure == "diag":
-                name = f"fxstream_residual_{node.name}"
-                root.add_module(name, residual.branch)
-                branch = graph.get_attr(name)
-                _tag(branch, node, "residual_join")
-                cov_node = graph.call_function(
-                    residual_covariance,
-                    (branch, tuple(mean[n] for n in residual.inputs), cov[residual.fork], cov_node, residual.sign),
-                )
-                _tag(cov_node, node, "residual_join")
-        else:
-            cov_node = graph.call_function(unsupported, (new,))
-            _tag(cov_node, node, "unsupported")
-            cov_node.meta[ROLE]["problem"] = problem
-            cov_node.meta[ROLE]["module_path"] = module_path(node)
-            cov_node.meta[ROLE]["op"] = str(node.target)
-        cov[node] = cov_node
-        kind[node] = out_structure
+                node.meta.get("val"), out_structure, self.options))
+        if problem is not None:
+            return self.unsupported(node, problem)
+        new = self.mean[node]
+        args = map_aggregate(node.args, self.looked_up(self.mean, keep=True))
+        kwargs = map_aggregate(dict(node.kwargs), self.looked_up(self.mean, keep=True))
+        cov_node = self.graph.call_function(
+            rule.graph_target,
+            (args, kwargs, covs, kw_covs, kinds, kw_kinds, new, out_structure, self.options,
+             self.batch_for(out_structure)),
+        )
+        _tag(cov_node, node, rule.name)
+        residual = self.residuals.get(node)
+        if residual is not None and self.kind.get(residual.fork) == "diag" and out_structure == "diag":
+            cov_node = self.residual_join(node, residual, cov_node)
+        return cov_node
 
-    if output_node is None:
-        raise CaptureError("captured graph has no output")
-    flat_outputs = list(torch.utils._pytree.tree_leaves(output_node.args[0]))
-    if requested is None:
-        requested = [i for i, n in enumerate(flat_outputs) if isinstance(n, torch.fx.Node) and n in cov]
-    cov_outputs, cov_kinds = [], []
-    for index in requested:
-        node = flat_outputs[index]
-        if not isinstance(node, torch.fx.Node) or node not in cov:
-            continue
-        cov_outputs.append(index)
-        cov_kinds.append(kind[node])
-    means_out = [mean[n] if isinstance(n, torch.fx.Node) else n for n in flat_outputs]
-    graph.output(tuple(means_out) + tuple(cov[flat_outputs[i]] for i in cov_outputs))
-    gm = torch.fx.GraphModule(root, graph, class_name="StreamlinedGraph")
-    return PairedGraph(gm, len(flat_outputs), cov_outputs, cov_kinds, structure)
+    def residual_join(self, node: torch.fx.Node, residual, cov_node: torch.fx.Node) -> torch.fx.Node:
+        """A residual add: the independent sum plus the skip/branch cross term."""
+        name = f"fxstream_residual_{node.name}"
+        self.root.add_module(name, residual.branch)
+        branch = self.graph.get_attr(name)
+        _tag(branch, node, "residual_join")
+        joined = self.graph.call_function(
+            residual_covariance,
+            (branch, tuple(self.mean[n] for n in residual.inputs), self.cov[residual.fork], cov_node, residual.sign),
+        )
+        _tag(joined, node, "residual_join")
+        return joined
+
+    def unsupported(self, node: torch.fx.Node, problem: str) -> torch.fx.Node:
+        """A marker for pruning: raised as UnsupportedOpError only if a requested output needs it."""
+        cov_node = self.graph.call_function(unsupported, (self.mean[node],))
+        _tag(cov_node, node, "unsupported")
+        origin = node.meta.get(DECOMPOSED_FROM)
+        cov_node.meta[ROLE].update(
+            problem=problem, module_path=module_path(node),
+            op=str(node.target) + (f" (from the decomposition of {origin})" if origin else ""))
+        return cov_node
+
+    def output(self, output_node: torch.fx.Node, requested: list[int] | None) -> PairedGraph:
+        """The original outputs' means, then the covariance of each requested one that has any."""
+        flat_outputs = list(torch.utils._pytree.tree_leaves(output_node.args[0]))
+        if requested is None:
+            requested = [i for i, n in enumerate(flat_outputs) if isinstance(n, torch.fx.Node) and n in self.cov]
+        cov_outputs, cov_kinds = [], []
+        for index in requested:
+            node = flat_outputs[index]
+            if not isinstance(node, torch.fx.Node) or node not in self.cov:
+                continue
+            cov_outputs.append(index)
+            cov_kinds.append(self.kind[node])
+        means_out = [self.mean[n] if isinstance(n, torch.fx.Node) else n for n in flat_outputs]
+        self.graph.output(tuple(means_out) + tuple(self.cov[flat_outputs[i]] for i in cov_outputs))
+        gm = torch.fx.GraphModule(self.root, self.graph, class_name="StreamlinedGraph")
+        return PairedGraph(gm, len(flat_outputs), cov_outputs, cov_kinds, self.structure)
+
+    def batch_for(self, out_structure: str) -> torch.fx.Node | None:
+        """The input's leading size, which full-structure rules take (made once, where first needed)."""
+        if out_structure != "full":
+            return None
+        if self.batch is None and self.first_input is not None:
+            self.batch = self.graph.call_function(torch.ops.aten.sym_size.int, (self.first_input, 0))
+        return self.batch
+
+    @staticmethod
+    def looked_up(table: dict, keep: bool = False) -> Callable:
+        """arg -> what ``table`` holds for it; non-nodes become None (or stay as they are with ``keep``)."""
+        if keep:
+            return lambda arg: table[arg] if isinstance(arg, torch.fx.Node) else arg
+        return lambda arg: table.get(arg) if isinstance(arg, torch.fx.Node) else None
+
+    def buffer(self, tensor: torch.Tensor) -> torch.fx.Node:
+        name = f"fxstream_cov_{len(self.root._buffers)}"
+        self.root.register_buffer(name, tensor)
+        return self.graph.get_attr(name)
 
 
 def _copy_attribute(source: torch.nn.Module, target: torch.nn.Module, qualified: str) -> None:

@@ -16,7 +16,7 @@ slices of it), the layer's rule runs on those features alone.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import networkx as nx
 import torch
@@ -40,6 +40,7 @@ class PruneReport:
     pruned: int
     deterministic: int
     narrowed: int = 0
+    pruned_rules: dict[str, str] = field(default_factory=dict)  # mean node -> rule of its pruned covariance
 
 
 def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:
@@ -60,10 +61,9 @@ def prune(paired: PairedGraph) -> PruneReport:
     cov_nodes = [n for n in graph.nodes if n.meta.get(ROLE, {}).get("role") == "cov"]
     means = [n for n in graph.nodes if n.meta.get(ROLE, {}).get("role") == "mean"]
     covered = {n.meta[ROLE]["of"] for n in cov_nodes}
-    for node in cov_nodes:
-        info = node.meta[ROLE]
-        if node in needed and info["rule"] == "unsupported":
-            raise UnsupportedOpError(info["op"], info["module_path"], info["problem"])
+    unsupported = [node.meta[ROLE] for node in cov_nodes if node in needed and node.meta[ROLE]["rule"] == "unsupported"]
+    if unsupported:
+        raise UnsupportedOpError([(info["op"], info["module_path"], info["problem"]) for info in unsupported])
     dead = [n for n in cov_nodes if n not in needed]
     graph.eliminate_dead_code()
     narrowed = sum(_narrow(node) for node in list(graph.nodes) if _rule_op(node) in OUTPUT_FEATURES)
@@ -71,7 +71,8 @@ def prune(paired: PairedGraph) -> PruneReport:
     paired.graph_module.recompile()
     kept = len(cov_nodes) - len(dead)
     deterministic = sum(1 for n in means if n.op == "call_function" and n.name not in covered)
-    report = PruneReport(kept=kept, pruned=len(dead), deterministic=deterministic, narrowed=narrowed)
+    report = PruneReport(kept=kept, pruned=len(dead), deterministic=deterministic, narrowed=narrowed,
+                         pruned_rules={n.meta[ROLE]["of"]: n.meta[ROLE]["rule"] for n in dead})
     paired.counts = {"kept": report.kept, "pruned": report.pruned, "deterministic": report.deterministic,
                      "narrowed": report.narrowed}
     return report

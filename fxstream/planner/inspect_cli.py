@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..backend import StreamlineOptions, _sources
+from ..backend import StreamlineOptions
 from ..errors import UnsupportedOpError
-from ..passes import pair, prune
+from ..passes.decompose import DECOMPOSED_FROM
 from ..passes.pair import ROLE, PairedGraph
+from ..pipeline import rewrite
 from .cost import _module
 from .plan_cli import add_target_arguments, load_posterior, rule_options
 from .symbolic import capture_symbolic
@@ -36,6 +37,8 @@ def rows(paired: PairedGraph, pruned: dict[str, str]) -> list[list[str]]:
         if node.meta.get(ROLE, {}).get("role") != "mean":
             continue
         op = str(node.target) if node.op == "call_function" else node.op
+        if DECOMPOSED_FROM in node.meta:
+            op = f"{op} (decomposed {node.meta[DECOMPOSED_FROM]})"
         cov = covs.get(node.name)
         if cov is not None:
             rule = cov.meta[ROLE]["rule"]
@@ -71,25 +74,22 @@ def run(args: argparse.Namespace) -> int:
     target = load(args.target)
     posterior = load_posterior(target, args.posterior, args.variance)
     sym = capture_symbolic(target.model, target.args, target.dims)
-    options = StreamlineOptions(posterior=posterior, activation_cov=args.activation_cov, model=target.model)
-    paired = pair(sym.captured, _sources(sym.captured, options), args.activation_cov, rule_options=rule_options(args))
-    before = {n.name: n.meta[ROLE] for n in paired.graph_module.graph.nodes
-              if n.meta.get(ROLE, {}).get("role") == "cov"}
+    options = StreamlineOptions(posterior=posterior, activation_cov=args.activation_cov, model=target.model,
+                                rule_options=rule_options(args))
     try:
-        report = prune(paired)
+        rewritten = rewrite(sym.captured, options)
     except UnsupportedOpError as error:
-        unsupported = [[info["of"], info.get("op", ""), info.get("module_path", ""), info.get("problem", "")]
-                       for info in before.values() if info["rule"] == "unsupported"]
-        print(tabulate(unsupported, headers=["node", "op", "module", "problem"]))
-        raise error
-    alive = {n.name for n in paired.graph_module.graph.nodes}
-    pruned = {info["of"]: info["rule"] for name, info in before.items() if name not in alive}
+        print(tabulate([[op, where, problem] for op, where, problem in error.unsupported],
+                       headers=["op", "module", "problem"]))
+        raise
+    paired, report = rewritten.paired, rewritten.report
     if args.format == "code":
         print(paired.graph_module.code)
     elif args.format == "dot":
         print(dot(paired))
     else:
-        print(tabulate(rows(paired, pruned), headers=["mean node", "op", "module", "cov node", "rule", "status"]))
+        print(tabulate(rows(paired, report.pruned_rules), headers=["mean node", "op", "module", "cov node", "rule", "status"]))
         print(f"\ncovariance nodes kept {report.kept}, pruned {report.pruned}; "
-              f"deterministic nodes {report.deterministic}; activation covariance {args.activation_cov}")
+              f"deterministic nodes {report.deterministic}; decomposed nodes {rewritten.decomposed}; "
+              f"activation covariance {args.activation_cov}")
     return 0

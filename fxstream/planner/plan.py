@@ -41,9 +41,10 @@ import sympy
 import torch
 from tqdm import tqdm
 
-from ..backend import StreamlineOptions, _sources
+from ..backend import StreamlineOptions
 from ..errors import FxstreamError
-from ..passes import PairedGraph, pair, prune
+from ..passes import PairedGraph
+from ..pipeline import rewrite
 from ..posterior import Diagonal, Posterior
 from .cost import CostReport, Interpolator, cost_report
 from .symbolic import Dims, SymbolicCapture, capture_symbolic
@@ -265,11 +266,9 @@ class Planner:
         return _Chosen(self.posterior, self.diagonal, structures)
 
     def paired(self, choice: Choice, structure: str) -> PairedGraph:
-        options = StreamlineOptions(posterior=self.subset(choice), activation_cov=structure, model=self.model)
-        paired = pair(self.sym.captured, _sources(self.sym.captured, options), structure,
-                      rule_options=self.rule_options)
-        prune(paired)
-        return paired
+        options = StreamlineOptions(posterior=self.subset(choice), activation_cov=structure, model=self.model,
+                                    rule_options=self.rule_options)
+        return rewrite(self.sym.captured, options).paired
 
     def report(self, choice: Choice, structure: str, exact: bool = True) -> CostReport:
         """The cost report of a plan (cached); ``exact=False`` may estimate unseen workspaces."""

@@ -1,7 +1,8 @@
 """The covariance rules, one module per op family; importing this fills RULES."""
 
 from . import activation, arithmetic, attention, conv, embedding, linear, norm, pool, reduce, shape, softmax  # noqa: F401
+from .creation import VALUE_INDEPENDENT
 from .patterns import mean_only_nodes
 from .registry import DEFAULT_RULE_OPTIONS, RULE_OPTIONS, RULES, Rule, RuleCall, register
 
-__all__ = ["DEFAULT_RULE_OPTIONS", "RULES", "RULE_OPTIONS", "Rule", "RuleCall", "mean_only_nodes", "register"]
+__all__ = ["DEFAULT_RULE_OPTIONS", "RULES", "VALUE_INDEPENDENT", "RULE_OPTIONS", "Rule", "RuleCall", "mean_only_nodes", "register"]

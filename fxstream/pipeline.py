@@ -1,0 +1,135 @@
+"""The pipeline after capture: decompose -> pair -> prune, one function for every caller.
+
+The backend, the planner and ``fxstream inspect`` all rewrite a captured graph
+through :func:`rewrite`, so the graph planned or shown is the graph that runs.
+Each pass runs under its contract (what it requires of its input, what it
+ensures of its output); a failure that is not one of fxstream's own errors is
+reported as a :class:`PassError` naming the pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx
+
+from .errors import FxstreamError, PassError, PosteriorMismatchError
+from .passes import CapturedGraph, PairedGraph, PruneReport, Source, pair, prune
+from .passes.decompose import decompose
+
+if TYPE_CHECKING:
+    from .backend import StreamlineOptions
+
+
+@dataclass
+class Rewritten:
+    """What the pipeline made of one captured graph."""
+
+    paired: PairedGraph
+    report: PruneReport
+    decomposed: int
+
+
+def rewrite(captured: CapturedGraph, options: StreamlineOptions, structure: str | None = None) -> Rewritten:
+    """decompose -> pair -> prune on ``captured`` under ``options`` (``structure`` overrides activation_cov)."""
+    sources = _sources(captured, options)
+    structure = structure or options.activation_cov
+    decomposed = _run("decompose", lambda: decompose(captured, sources), requires=lambda: _functional(captured))
+    paired = _run("pair", lambda: pair(captured, sources, structure, options.outputs, options.rule_options))
+    report = _run("prune", lambda: prune(paired), ensures=lambda: paired.graph_module.graph.lint())
+    return Rewritten(paired, report, decomposed)
+
+
+def _run(name: str, call: Callable[[], Any], requires: Callable[[], None] | None = None,
+         ensures: Callable[[], None] | None = None) -> Any:
+    try:
+        if requires is not None:
+            requires()
+        result = call()
+        if ensures is not None:
+            ensures()
+        return result
+    except FxstreamError:
+        raise
+    except Exception as error:
+        raise PassError(name, error) from error
+
+
+def _functional(captured: CapturedGraph) -> None:
+    """Capture hands over a functional graph: no op that writes into its arguments."""
+    for node in captured.graph_module.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and schema is not None and schema.is_mutable:
+            raise FxstreamError(f"capture left the in-place op {node.target} ({node.name}) in the graph")
+
+
+def _parameter_names(captured: CapturedGraph, model: torch.nn.Module | None) -> dict[str, str]:
+    """placeholder name -> parameter name, by identity with the model when we have it."""
+    canonical = {id(p): name for name, p in model.named_parameters()} if model is not None else {}
+    names = {}
+    for placeholder in captured.placeholders:
+        if placeholder.role == "parameter":
+            name = canonical.get(id(placeholder.tensor), placeholder.qualified_name)
+            names[placeholder.name] = name
+    return names
+
+
+def _sources(captured: CapturedGraph, options: StreamlineOptions) -> dict[str, Source]:
+    sources: dict[str, Source] = {}
+    posterior = options.posterior
+    if posterior is not None:
+        by_name = _parameter_names(captured, options.model)
+        tensors = {by_name[p.name]: p.tensor for p in captured.placeholders if p.name in by_name}
+        wanted = set(posterior.parameter_names())
+        if options.model is None:
+            missing = sorted(wanted - set(tensors))
+            if missing:
+                raise PosteriorMismatchError(
+                    f"the posterior names parameter '{missing[0]}', which this captured graph does not use "
+                    f"(it uses: {sorted(tensors)[:8]}{' ...' if len(tensors) > 8 else ''}). Either the name is "
+                    "wrong, or the model has a graph break that split it into several graphs: compile with "
+                    "fullgraph=True to see the break, since covariance cannot cross one"
+                )
+            posterior.validate(tensors)
+        for placeholder_name, name in by_name.items():
+            if name in wanted:
+                cov = posterior.covariance(name)
+                param = tensors[name]
+                sources[placeholder_name] = Source(
+                    cov.kind, tuple(t.to(dtype=param.dtype, device=param.device) for t in cov.tensors)
+                )
+    given = options.input_var if options.input_var is not None else options.input_cov
+    if given is not None:
+        inputs = [p for p in captured.inputs() if torch.is_floating_point(p.tensor)]
+        if not inputs:
+            raise FxstreamError("input_var / input_cov given, but the model has no floating-point input")
+        first = inputs[0]
+        buffer = torch.as_tensor(given, dtype=first.tensor.dtype, device=first.tensor.device)
+        _check_input_uncertainty(buffer, first.tensor, diagonal=options.input_var is not None)
+        sources[first.name] = Source("diag" if options.input_var is not None else "full", (buffer,))
+    return sources
+
+
+def _check_input_uncertainty(buffer: torch.Tensor, x: torch.Tensor, diagonal: bool) -> None:
+    """input_var must broadcast to the input; input_cov must be (N, N) or (B, N, N), N per sample."""
+    if diagonal:
+        if (buffer < 0).any():
+            raise FxstreamError("input_var has negative entries; variances must be >= 0")
+        try:
+            torch.broadcast_shapes(buffer.shape, x.shape)
+        except RuntimeError:
+            raise FxstreamError(
+                f"input_var of shape {tuple(buffer.shape)} does not broadcast to the input's shape {tuple(x.shape)}"
+            ) from None
+        return
+    n = x[0].numel()
+    if buffer.shape not in ((n, n), (x.shape[0], n, n)):
+        raise FxstreamError(
+            f"input_cov must have shape ({n}, {n}) or ({x.shape[0]}, {n}, {n}) for an input of shape "
+            f"{tuple(x.shape)}, got {tuple(buffer.shape)}"
+        )
+
+
