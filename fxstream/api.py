@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -48,17 +51,18 @@ class StreamlinedModel(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Predictive:
         with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
             try:
-                out = self._compiled(*args, **kwargs)
+                with _backward_hooks_set_aside(self.model):
+                    out = self._compiled(*args, **kwargs)
             except torch._dynamo.exc.BackendCompilerFailed as error:
                 inner = getattr(error, "inner_exception", None)
                 if isinstance(inner, FxstreamError):
                     raise inner.with_traceback(None) from None
                 raise
             except torch._dynamo.exc.Unsupported as error:
+                reason = str(error).splitlines()[0].rstrip(".")
                 raise GraphBreakError(
                     "the model cannot be captured as a single graph, and covariance cannot cross a graph "
-                    f"break. Dynamo reports: {str(error).splitlines()[0]}. Rewrite the data-dependent "
-                    "Python control flow (or the unsupported call) in the model's forward."
+                    f"break. Dynamo stops at: {reason}. {_remedy(reason)}"
                 ) from None
         return predictive(out)
 
@@ -74,6 +78,38 @@ class StreamlinedModel(torch.nn.Module):
         if isinstance(out, (list, tuple)):
             return next(v for v in out if isinstance(v, torch.Tensor))
         raise FxstreamError(f"cannot find a tensor in the model's output of type {type(out).__name__}")
+
+
+@contextmanager
+def _backward_hooks_set_aside(model: torch.nn.Module) -> Iterator[None]:
+    """Module backward hooks (e.g. BackPack's, left by laplace-torch's fit) set aside during a call.
+
+    Prediction runs no backward pass, so they would never fire; Dynamo cannot
+    capture a module that has them ("Module-level backwards hooks require
+    compiled autograd").
+    """
+    saved = []
+    for module in model.modules():
+        if module._backward_hooks or module._backward_pre_hooks:
+            saved.append((module, module._backward_hooks, module._backward_pre_hooks))
+            module._backward_hooks, module._backward_pre_hooks = OrderedDict(), OrderedDict()
+    try:
+        yield
+    finally:
+        for module, hooks, pre_hooks in saved:
+            module._backward_hooks, module._backward_pre_hooks = hooks, pre_hooks
+
+
+def _remedy(reason: str) -> str:
+    """What to do about the graph break Dynamo names."""
+    lowered = reason.lower()
+    if "hook" in lowered:
+        return ("The model has module or tensor hooks that Dynamo cannot trace: remove them (the handles "
+                "returned when they were registered) before streamlining.")
+    if "data-dependent" in lowered or "data dependent" in lowered or "jump" in lowered or "branch" in lowered:
+        return ("Rewrite the data-dependent Python control flow in the model's forward (e.g. torch.where "
+                "instead of an `if` on a tensor's value).")
+    return "Change the call it names in the model's forward, or leave it out of the part you streamline."
 
 
 def streamline(
