@@ -7,6 +7,8 @@ op's own JVP and full covariances through J S J^T.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .linearise import linearised_full, routed_variance
@@ -36,6 +38,21 @@ INJECTIVE = (
     aten.unflatten.int,
 )
 BROADCASTING = (aten.expand.default,)
+# Routing ops that write one tensor into another, gather or repeat entries (indices deterministic):
+# each output entry is one input entry, or a sum of distinct ones (index_put accumulating).
+ROUTING = (
+    aten.slice_scatter.default,
+    aten.select_scatter.default,
+    aten.diagonal_scatter.default,
+    aten.index.Tensor,
+    aten.index_select.default,
+    aten.gather.default,
+    aten.index_put.default,
+    aten.roll.default,
+    aten.flip.default,
+    aten.repeat.default,
+    aten.diagonal.default,
+)
 MULTI_OUTPUT = (
     aten.split.Tensor,
     aten.split_with_sizes.default,
@@ -56,6 +73,8 @@ register(*INJECTIVE, param_passthrough=True)(route)
 # sample, so its entries stay independent within each sample's covariance;
 # copies inside one sample are treated as independent too (diag loses nothing).
 register(*BROADCASTING, param_passthrough=True)(route)
+# Integer indices never carry covariance (the pair pass pairs floating-point values only).
+register(*ROUTING)(route)
 
 
 @register(*MULTI_OUTPUT, param_passthrough=True)
@@ -65,3 +84,12 @@ def route_each(call: RuleCall) -> list[torch.Tensor]:
     if call.structure == "full":
         return [linearised_full(call, output=lambda out, i=i: out[i]) for i in outputs]
     return [routed_variance(call, output=lambda out, i=i: out[i]) for i in outputs]
+
+
+@register(aten.copy.default)
+def copy(call: RuleCall) -> torch.Tensor:
+    """copy(dst, src), what an in-place ``copy_`` becomes: src's values broadcast to dst's shape."""
+    as_expand = dataclasses.replace(call, op=aten.expand.default, args=(call.arg(1), list(call.out.shape)),
+                                    kwargs={}, covs=(call.cov(1), None), kinds=(call.kind(1), None))
+    cov = route(as_expand)
+    return cov if cov is None else cov.to(call.out.dtype)
