@@ -7,6 +7,8 @@ op's own JVP and full covariances through J S J^T.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .linearise import linearised_full, routed_variance
@@ -44,8 +46,17 @@ MULTI_OUTPUT = (
 )
 
 
+# A variance need not share its mean's memory layout: ``clone`` makes a transposed mean
+# contiguous but passes its variance on as it is, and a broadcast sum's variance is an
+# expanded view. ``view`` needs strides compatible with the new shape, so the variance
+# goes through ``reshape``, which views where it can and copies where it must.
+LAYOUT_FREE = {aten.view.default: aten.reshape.default, aten._unsafe_view.default: aten.reshape.default}
+
+
 def route(call: RuleCall) -> torch.Tensor:
     """Apply the op to the variances (diag) or on both sides of the covariance (full)."""
+    if call.op in LAYOUT_FREE:
+        call = dataclasses.replace(call, op=LAYOUT_FREE[call.op])
     if call.structure == "full":
         return linearised_full(call)
     return routed_variance(call)

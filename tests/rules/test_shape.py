@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import Sample, act, cases, check_sample, param, randn
+from harness import Sample, act, cases, check_sample, param, rand, randn
 
 aten = torch.ops.aten
 x, y = randn(2, 3, 4, seed=1), randn(2, 3, 4, seed=2)
@@ -46,3 +46,31 @@ SAMPLES = [
 @pytest.mark.parametrize("sample, structure", cases(SAMPLES))
 def test_rule(sample: Sample, structure: str) -> None:
     check_sample(sample, structure)
+
+
+@pytest.mark.parametrize("op", [aten.view.default, aten._unsafe_view.default])
+@pytest.mark.parametrize("layout", ["transposed", "broadcast"])
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_view_of_a_variance_laid_out_unlike_its_mean(op, layout: str, structure: str) -> None:
+    """A contiguous mean whose variance is a transpose's (clone copies only the mean) or an expanded view.
+
+    ``view`` of such a variance to the mean's new shape has no compatible strides; the rule must
+    still move each variance with its value.
+    """
+    from fxstream.rules import RULES
+    from fxstream.rules.registry import DEFAULT_RULE_OPTIONS
+
+    mean = x.contiguous()
+    if layout == "transposed":
+        var = rand(2, 4, 3, seed=6).transpose(1, 2)
+    else:
+        var = torch.broadcast_to(rand(2, 1, 4, seed=7), (2, 3, 4))
+    assert var.shape == mean.shape and not var.is_contiguous()
+    out = op(mean, [2, 12])
+    cov = var if structure == "diag" else torch.diag_embed(var.reshape(2, 12))
+    got = RULES[op].graph_target((mean, [2, 12]), {}, (cov, None), {}, (structure, None), {}, out, structure,
+                                 DEFAULT_RULE_OPTIONS)
+    expected = op(var.contiguous(), [2, 12])
+    if structure == "full":
+        got = got.diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
