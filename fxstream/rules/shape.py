@@ -1,8 +1,10 @@
 """Shape and routing ops: the variances move with the values.
 
 Every op here has a Jacobian with entries 0 or 1 (reshapes, permutations,
-slices, concatenation, broadcasting), so diagonal variances travel through the
-op's own JVP and full covariances through J S J^T.
+slices, concatenation, broadcasting, padding, selection by a deterministic
+mask), so diagonal variances travel through the op itself and full
+covariances through J S J^T. An element an op sets to a constant (a pad
+value, a masked fill) has variance 0, whatever the constant.
 """
 
 from __future__ import annotations
@@ -76,3 +78,57 @@ def route_each(call: RuleCall) -> list[torch.Tensor]:
     if call.structure == "full":
         return [linearised_full(call, output=lambda out, i=i: out[i]) for i in outputs]
     return [routed_variance(call, output=lambda out, i=i: out[i]) for i in outputs]
+
+
+#: Ops that set some elements to a constant: op -> (position, schema name) of that constant.
+CONSTANTS = {
+    aten.pad.default: (3, "value"),
+    aten.constant_pad_nd.default: (2, "value"),
+    aten.masked_fill.Scalar: (2, "value"),
+    aten.where.ScalarSelf: (1, "self"),
+    aten.where.ScalarOther: (2, "other"),
+}
+#: Ops that pick each element from one input by a boolean mask: op -> position of the mask.
+CONDITION = {
+    aten.masked_fill.Scalar: 1,
+    aten.masked_fill.Tensor: 1,
+    aten.where.self: 0,
+    aten.where.ScalarSelf: 0,
+    aten.where.ScalarOther: 0,
+}
+
+
+def _deterministic_choice(call: RuleCall) -> str | None:
+    """A mask must be deterministic; a parameter keeps independent entries unless padding copies them."""
+    position = CONDITION.get(call.op)
+    if position is not None and call.cov(position) is not None:
+        return (f"{call.op} with an uncertain condition is not supported; compare deterministic tensors "
+                "(or the means) to build the mask")
+    mode = call.arg(2) if call.op is aten.pad.default else "constant"
+    if call.structure.startswith("param") and mode != "constant":
+        return (f"'{mode}' padding copies entries of an uncertain parameter, which correlates them; "
+                "leave the parameter out of the posterior, or pad the activation it meets instead")
+    return None
+
+
+@register(*CONSTANTS, aten.masked_fill.Tensor, aten.where.self, param_passthrough=True,
+          supports=_deterministic_choice)
+def route_with_constants(call: RuleCall) -> torch.Tensor:
+    """Padding (constant, reflect, replicate, circular), masked_fill and where with a deterministic mask.
+
+    diag: the op on the variances, its constant (pad value, fill) replaced by 0 and deterministic
+    tensor operands by zeros; full: J S J^T.
+    """
+    if call.structure == "full":
+        return linearised_full(call)
+    constant = CONSTANTS.get(call.op)
+    if constant is not None:
+        position, name = constant
+        args, kwargs = list(call.args), dict(call.kwargs)
+        zero = None if call.op is aten.pad.default else 0
+        if position < len(args):
+            args[position] = zero
+        elif name in kwargs:
+            kwargs[name] = zero
+        call = dataclasses.replace(call, args=tuple(args), kwargs=kwargs)
+    return routed_variance(call)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import Sample, act, cases, check_sample, param, rand, randn
+from harness import Sample, act, capability_problem, cases, check_sample, param, rand, randn
 
 aten = torch.ops.aten
 x, y = randn(2, 3, 4, seed=1), randn(2, 3, 4, seed=2)
 empty = randn(2, 3, 0, seed=5)  # Phi-3's pass-through half of a rotary embedding over the whole head
 column, matrix = randn(2, 1, 3, seed=3), randn(3, 4, seed=4)
+signal, image, volume = randn(2, 2, 5, seed=8), randn(2, 2, 3, 4, seed=9), randn(1, 2, 2, 3, 3, seed=10)
+mask = randn(2, 3, 4, seed=11) > 0
+token = randn(seed=12)  # a learned fill value (a mask token)
 
 SAMPLES = [
     Sample(aten.view.default, (act(x), [2, 12])),
@@ -37,6 +40,28 @@ SAMPLES = [
     Sample(aten.split_with_sizes.default, (act(x), [1, 2], 1)),
     Sample(aten.chunk.default, (act(x), 2, 2)),
     Sample(aten.unbind.int, (act(x), 1)),
+    Sample(aten.pad.default, (act(image), [1, 2, 0, 1]), name="zeros"),
+    Sample(aten.pad.default, (act(image), [1, 2, 0, 1], "constant", 1.5), name="constant"),
+    Sample(aten.pad.default, (act(signal), [2, 1]), {"mode": "reflect"}, name="reflect-1d"),
+    Sample(aten.pad.default, (act(image), [1, 2, 2, 1], "reflect"), name="reflect-2d"),
+    Sample(aten.pad.default, (act(volume), [1, 1, 2, 1, 1, 0], "reflect"), name="reflect-3d"),
+    Sample(aten.pad.default, (act(signal), [2, 3], "replicate"), name="replicate-1d"),
+    Sample(aten.pad.default, (act(image), [1, 2, 2, 1], "replicate"), name="replicate-2d"),
+    Sample(aten.pad.default, (act(volume), [1, 1, 2, 1, 1, 0], "replicate"), name="replicate-3d"),
+    Sample(aten.pad.default, (act(signal), [2, 1], "circular"), name="circular-1d"),
+    Sample(aten.pad.default, (act(image), [1, 2, 2, 1], "circular"), name="circular-2d"),
+    Sample(aten.constant_pad_nd.default, (act(image), [1, 0, 2, 1], -2.0)),
+    Sample(aten.masked_fill.Scalar, (act(x), mask, -3.0)),
+    Sample(aten.masked_fill.Tensor, (act(x), mask, torch.tensor(-3.0))),
+    Sample(aten.masked_fill.Tensor, (act(x), mask, param(token)), name="uncertain-fill"),
+    Sample(aten.where.self, (mask, act(x), act(y))),
+    Sample(aten.where.self, (mask, x, act(y)), name="one-uncertain"),
+    Sample(aten.where.self, (mask[:, :1], act(x), act(column.transpose(1, 2))), name="broadcast"),
+    Sample(aten.where.ScalarSelf, (mask, 2.0, act(x))),
+    Sample(aten.where.ScalarOther, (mask, act(x), 0.0)),
+    Sample(aten.pad.default, (param(matrix), [1, 1], "constant", 2.0), structures=("param_diag",), name="parameter"),
+    Sample(aten.where.self, (mask[0], param(matrix), param(matrix.flip(0))), structures=("param_diag",),
+           name="parameter"),
     Sample(aten.t.default, (param(matrix),), structures=("param_diag",), name="parameter"),
     Sample(aten.view.default, (param(matrix), [12]), structures=("param_diag",), name="parameter"),
     Sample(aten.cat.default, ([param(matrix), param(matrix)],), structures=("param_diag",), name="parameter"),
@@ -74,3 +99,26 @@ def test_view_of_a_variance_laid_out_unlike_its_mean(op, layout: str, structure:
     if structure == "full":
         got = got.diagonal(dim1=-2, dim2=-1)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_reflect_padding_of_a_parameter_is_declined() -> None:
+    """Reflection copies entries of a parameter, so they would no longer be independent."""
+    problem = capability_problem(Sample(aten.pad.default, (param(matrix[None]), [1, 1], "reflect")), "param_diag")
+    assert "reflect" in problem and "correlates" in problem
+    assert capability_problem(Sample(aten.pad.default, (param(matrix), [1, 1])), "param_diag") is None
+
+
+@pytest.mark.parametrize("op, args, position", [
+    (aten.where.self, (mask, x, y), 0),
+    (aten.masked_fill.Scalar, (x, mask, 0.0), 1),
+])
+def test_an_uncertain_condition_is_declined(op, args, position: int) -> None:
+    """A boolean mask carries no covariance; were one to reach the rule, it says so instead of ignoring it."""
+    from fxstream.rules import RULES
+    from fxstream.rules.registry import RuleCall
+
+    kinds = tuple("diag" if isinstance(a, torch.Tensor) else None for a in args)
+    call = RuleCall(op, args, {}, kinds, {}, kinds, {}, op(*args), "diag")
+    assert "uncertain condition" in RULES[op].supports(call)
+    kinds = tuple(None if i == position else k for i, k in enumerate(kinds))
+    assert RULES[op].supports(RuleCall(op, args, {}, kinds, {}, kinds, {}, op(*args), "diag")) is None
