@@ -94,8 +94,8 @@ def linearised_full(call: RuleCall, output: TensorFn | None = None) -> torch.Ten
             term = sandwich(fn, mean, cov)
         elif kind == "param_diag":
             term = factor_to_full(parameter_factor(fn, mean, cov), batch)
-        else:
-            raise ValueError(f"{call.op}: unsupported covariance kind '{kind}'")
+        else:  # a rule that hands other parameter kinds here declines them in its capability check
+            raise NotImplementedError(f"{call.op}: linearised_full has no term for a '{kind}' posterior")
         total = term if total is None else total + term
     if total is None:
         n = pick(call.out).numel() // batch

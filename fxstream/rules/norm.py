@@ -12,7 +12,13 @@ from .registry import RuleCall, register
 aten = torch.ops.aten
 
 
-@register(aten.batch_norm.default)
+def _eval_mode(call: RuleCall) -> str | None:
+    if call.op is aten.batch_norm.default and call.arg(5):
+        return "batch norm in training mode uses batch statistics; call model.eval() before streamlining"
+    return None
+
+
+@register(aten.batch_norm.default, supports=_eval_mode)
 def batch_norm(call: RuleCall) -> torch.Tensor:
     """Eval-mode batch norm y = gamma * (x - mu_r) / sqrt(var_r + eps) + beta, an affine map per channel.
 
@@ -20,10 +26,8 @@ def batch_norm(call: RuleCall) -> torch.Tensor:
     normalised input and v_xhat = v_x / (var_r + eps), evaluated as
     v_x (gamma^2 + v_gamma) / (var_r + eps) + (x - mu_r)^2 v_gamma / (var_r + eps) + v_beta.
     """
-    x, gamma, _, running_mean, running_var, training = (call.arg(i) for i in range(6))
+    x, gamma, _, running_mean, running_var = (call.arg(i) for i in range(5))
     eps = call.arg(7)
-    if training:
-        raise ValueError("batch norm in training mode uses batch statistics; call model.eval() before streamlining")
     channel = (-1,) + (1,) * (x.dim() - 2)
     inv_std = torch.rsqrt(running_var + eps).reshape(channel)
     if call.structure == "full":
