@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .linearise import batch_size, derivative, linearised_full
+from .linearise import derivative, linearised_full, zero_covariance
 from .registry import RuleCall, arg_path, register
 
 aten = torch.ops.aten
@@ -81,13 +81,5 @@ def identity(call: RuleCall) -> torch.Tensor:
     """
     cov = call.cov(0)
     if cov is None:  # only the tensor whose dtype is copied was uncertain: the values carry none
-        return _zero_covariance(call)
+        return zero_covariance(call)
     return cov.to(dtype=call.out.dtype, device=call.out.device) if isinstance(cov, torch.Tensor) else cov
-
-
-def _zero_covariance(call: RuleCall) -> torch.Tensor:
-    if call.structure == "full":
-        batch = batch_size(call)
-        n = call.out.numel() // batch
-        return call.out.new_zeros(batch, n, n)
-    return torch.zeros_like(call.out)

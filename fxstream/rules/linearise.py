@@ -103,6 +103,15 @@ def linearised_full(call: RuleCall, output: TensorFn | None = None) -> torch.Ten
     return total
 
 
+def zero_covariance(call: RuleCall) -> torch.Tensor:
+    """The covariance of an output that carries no uncertainty, in the call's structure."""
+    if call.structure == "full":
+        batch = batch_size(call)
+        n = call.out.numel() // batch
+        return call.out.new_zeros(batch, n, n)
+    return torch.zeros_like(call.out)
+
+
 def routed_variance(call: RuleCall, output: TensorFn | None = None) -> torch.Tensor:
     """Diagonal rule for ops whose Jacobian entries are all 0 or 1 (shape ops, sums, routing).
 

@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from .linearise import linearised_full, routed_variance
+from .linearise import linearised_full, routed_variance, zero_covariance
 from .registry import RuleCall, register
 
 aten = torch.ops.aten
@@ -38,6 +38,20 @@ INJECTIVE = (
     aten.cat.default,
     aten.stack.default,
     aten.unflatten.int,
+    aten.roll.default,  # Swin's shifted windows
+    aten.flip.default,
+    aten.channel_shuffle.default,  # nn.ChannelShuffle
+    aten.pixel_shuffle.default,
+    aten.pixel_unshuffle.default,
+)
+# Ops that route elements by index or write one tensor into another (what functionalization makes of
+# an in-place slice assignment: copy then slice_scatter). An index may repeat, copying an entry, so
+# they do not pass a parameter on as one with independent entries.
+SCATTERING = (
+    aten.index.Tensor,
+    aten.slice_scatter.default,
+    aten.select_scatter.default,
+    aten.index_put.default,
 )
 BROADCASTING = (aten.expand.default,)
 MULTI_OUTPUT = (
@@ -65,6 +79,21 @@ def route(call: RuleCall) -> torch.Tensor:
 
 
 register(*INJECTIVE, param_passthrough=True)(route)
+register(*SCATTERING)(route)
+
+
+@register(aten.copy.default)
+def copy(call: RuleCall) -> torch.Tensor:
+    """copy(self, src): src broadcast to self's shape in self's dtype; self's values are overwritten.
+
+    Routed as that broadcast (``copy`` itself has no forward-mode derivative for the full structure).
+    """
+    target, source = call.arg(0), call.arg(1)
+    if call.cov(1) is None:  # a deterministic source overwrites everything uncertain
+        return zero_covariance(call)
+    broadcast = dataclasses.replace(call, op=aten.expand.default, args=(source, list(target.shape)), kwargs={},
+                                    covs=(call.cov(1), None), kinds=(call.kind(1), None), kw_covs={}, kw_kinds={})
+    return route(broadcast).to(call.out.dtype)
 # A parameter expanded along the batch (ViT's class token) keeps one copy per
 # sample, so its entries stay independent within each sample's covariance;
 # copies inside one sample are treated as independent too (diag loses nothing).

@@ -15,6 +15,17 @@ signal, image, volume = randn(2, 2, 5, seed=8), randn(2, 2, 3, 4, seed=9), randn
 mask = randn(2, 3, 4, seed=11) > 0
 token = randn(seed=12)  # a learned fill value (a mask token)
 
+
+def copied(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """aten.copy's values, differentiably (aten.copy has no derivative): source broadcast to target's shape."""
+    return torch.broadcast_to(source, target.shape).to(target.dtype)
+
+
+def test_copied_is_what_aten_copy_computes() -> None:
+    for target, source in ((x, column.transpose(1, 2)), (x, y), (x.float(), y)):
+        torch.testing.assert_close(copied(target, source), aten.copy.default(target, source), rtol=0, atol=0)
+
+
 SAMPLES = [
     Sample(aten.view.default, (act(x), [2, 12])),
     Sample(aten.reshape.default, (act(x), [2, 4, 3])),
@@ -40,6 +51,22 @@ SAMPLES = [
     Sample(aten.split_with_sizes.default, (act(x), [1, 2], 1)),
     Sample(aten.chunk.default, (act(x), 2, 2)),
     Sample(aten.unbind.int, (act(x), 1)),
+    Sample(aten.roll.default, (act(image), [1, -2], [2, 3])),
+    Sample(aten.flip.default, (act(x), [1, 2])),
+    Sample(aten.channel_shuffle.default, (act(randn(2, 4, 2, 3, seed=13)), 2)),
+    Sample(aten.pixel_shuffle.default, (act(randn(1, 4, 2, 3, seed=14)), 2)),
+    Sample(aten.pixel_unshuffle.default, (act(randn(1, 1, 4, 2, seed=15)), 2)),
+    Sample(aten.index.Tensor, (act(x), [None, torch.tensor([2, 0, 2])]), name="repeated"),
+    Sample(aten.index.Tensor, (act(x), [None, mask[0, :, 0]]), name="boolean"),
+    Sample(aten.copy.default, (act(x), act(column.transpose(1, 2))), reference=copied, name="broadcast-source"),
+    Sample(aten.copy.default, (x, act(y)), reference=copied, name="into-deterministic"),
+    Sample(aten.copy.default, (act(x), y), reference=copied, name="deterministic-source"),
+    Sample(aten.slice_scatter.default, (act(x), act(y[:, 1:3]), 1, 1, 3)),
+    Sample(aten.slice_scatter.default, (act(x), y[:, :, ::2], 2, 0, 4, 2), name="deterministic-source"),
+    Sample(aten.select_scatter.default, (act(x), act(y[:, 0]), 1, 2)),
+    Sample(aten.index_put.default, (act(x), [None, torch.tensor([0, 2])], act(y[:, :2]))),
+    Sample(aten.index_put.default, (act(x), [None, torch.tensor([1, 1])], act(y[:, :2]), True), name="accumulate"),
+    Sample(aten.roll.default, (param(matrix), [1], [0]), structures=("param_diag",), name="parameter"),
     Sample(aten.pad.default, (act(image), [1, 2, 0, 1]), name="zeros"),
     Sample(aten.pad.default, (act(image), [1, 2, 0, 1], "constant", 1.5), name="constant"),
     Sample(aten.pad.default, (act(signal), [2, 1]), {"mode": "reflect"}, name="reflect-1d"),
