@@ -80,20 +80,6 @@ def route(call: RuleCall) -> torch.Tensor:
 
 register(*INJECTIVE, param_passthrough=True)(route)
 register(*SCATTERING)(route)
-
-
-@register(aten.copy.default)
-def copy(call: RuleCall) -> torch.Tensor:
-    """copy(self, src): src broadcast to self's shape in self's dtype; self's values are overwritten.
-
-    Routed as that broadcast (``copy`` itself has no forward-mode derivative for the full structure).
-    """
-    target, source = call.arg(0), call.arg(1)
-    if call.cov(1) is None:  # a deterministic source overwrites everything uncertain
-        return zero_covariance(call)
-    broadcast = dataclasses.replace(call, op=aten.expand.default, args=(source, list(target.shape)), kwargs={},
-                                    covs=(call.cov(1), None), kinds=(call.kind(1), None), kw_covs={}, kw_kinds={})
-    return route(broadcast).to(call.out.dtype)
 # A parameter expanded along the batch (ViT's class token) keeps one copy per
 # sample, so its entries stay independent within each sample's covariance;
 # copies inside one sample are treated as independent too (diag loses nothing).
@@ -161,3 +147,17 @@ def route_with_constants(call: RuleCall) -> torch.Tensor:
             kwargs[name] = zero
         call = dataclasses.replace(call, args=tuple(args), kwargs=kwargs)
     return routed_variance(call)
+
+
+@register(aten.copy.default)
+def copy(call: RuleCall) -> torch.Tensor:
+    """copy(self, src): src broadcast to self's shape in self's dtype; self's values are overwritten.
+
+    Routed as that broadcast (``copy`` itself has no forward-mode derivative for the full structure).
+    """
+    target, source = call.arg(0), call.arg(1)
+    if call.cov(1) is None:  # a deterministic source overwrites everything uncertain
+        return zero_covariance(call)
+    broadcast = dataclasses.replace(call, op=aten.expand.default, args=(source, list(target.shape)), kwargs={},
+                                    covs=(call.cov(1), None), kinds=(call.kind(1), None), kw_covs={}, kw_kinds={})
+    return route(broadcast).to(call.out.dtype)

@@ -11,6 +11,7 @@ aten = torch.ops.aten
 x = randn(3, 4, seed=1)
 positive = rand(3, 4, low=0.5, high=2.0, seed=2)
 bounds = randn(4, seed=3)  # a per-feature lower bound
+maps = randn(2, 3, 2, 2, seed=4)
 
 SAMPLES = [
     Sample(aten.relu.default, (act(x),)),
@@ -56,7 +57,7 @@ SAMPLES = [
     Sample(aten.to.device, (act(x), torch.device("cpu"), torch.float32)),
     Sample(aten.to.other, (act(x), torch.zeros(1, dtype=torch.float32))),
     Sample(aten._to_copy.default, (act(x),), {"dtype": torch.float32}),
-    Sample(aten._to_copy.default, (act(randn(2, 3, 2, 2, seed=4)),), {"memory_format": torch.channels_last}, name="layout"),
+    Sample(aten._to_copy.default, (act(maps),), {"memory_format": torch.channels_last}, name="layout"),
     Sample(aten.type_as.default, (act(x), torch.zeros(1, dtype=torch.float32))),
     Sample(aten.type_as.default, (act(x), act(positive)), reference=lambda a, b: aten.type_as.default(a, b.detach()),
            name="both-uncertain"),
