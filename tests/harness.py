@@ -96,13 +96,13 @@ def _to_dtype(tree: Any) -> Any:
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
     """A seeded standard-normal tensor in the harness dtype."""
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
 
 
 def rand(*shape: int, low: float = 0.5, high: float = 1.5, seed: int = 0) -> torch.Tensor:
     """A seeded uniform tensor in [low, high)."""
     g = torch.Generator().manual_seed(seed)
-    return low + (high - low) * torch.rand(*shape, generator=g, dtype=DTYPE)
+    return low + (high - low) * torch.rand(shape, generator=g, dtype=DTYPE)
 
 
 @dataclass

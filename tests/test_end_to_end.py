@@ -275,3 +275,80 @@ def test_outputs_are_freed_after_the_caller_drops_them() -> None:
     del out
     gc.collect()
     assert [ref() for ref in refs] == [None, None]
+
+
+# ------------------------------------------- blocks of torchvision / timm CNNs, as those libraries write them
+
+
+class Blocks(nn.Module):
+    """A stage of a mobile CNN: stem, squeeze-and-excitation gate (torchvision.ops), channel shuffle
+    (ShuffleNetV2's own function: view, transpose, contiguous, view), a grouped 1x1 conv, stochastic
+    depth (torchvision) and DropPath (timm) in eval, timm's LayerScale2d in place, a pooled head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import DropPath, LayerScale2d
+        from torchvision.ops import SqueezeExcitation, StochasticDepth
+
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.se = SqueezeExcitation(4, 2)
+        self.mix = nn.Conv2d(4, 4, 1, groups=2)
+        self.depth, self.drop_path = StochasticDepth(0.2, "row"), DropPath(0.2)
+        self.scale = LayerScale2d(4, inplace=True)
+        self.head = nn.Linear(4, 3)
+        self.scale.gamma.data.uniform_(0.5, 1.5, generator=seeded(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.models.shufflenetv2 import channel_shuffle
+
+        h = self.se(torch.tanh(self.stem(x)))
+        h = self.mix(channel_shuffle(h, 2))
+        h = self.scale(self.drop_path(self.depth(h)))
+        return self.head(h.mean((2, 3)))
+
+
+class Shuffled(nn.Module):
+    """A conv whose output channels are shuffled: the variance reaching the second view is a transpose's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.models.shufflenetv2 import channel_shuffle
+
+        return channel_shuffle(self.conv(x), 2).flatten(1)
+
+
+def test_cnn_blocks_with_a_gated_shuffled_stage_equal_glm() -> None:
+    """SE gate, channel shuffle, stochastic depth, DropPath, in-place layer scale: exact means, and with
+    products="linearised" and full activations exactly J Sigma J^T over every parameter after the stem.
+
+    The stem stays deterministic, so the uncertain gate multiplies a deterministic input and no two
+    uncertain paths meet (where they do, the product treats them as independent).
+    """
+    model = Blocks().to(DTYPE).eval()
+    x = torch.randn(3, 2, 5, 5, generator=seeded(1), dtype=DTYPE)
+    var = variances(model, [n for n, _ in model.named_parameters() if not n.startswith("stem.")], scale=0.3)
+    pred = streamline(model, var, x=x, activation_cov="full", products="linearised")
+    assert_close(pred.mean, model(x))
+    assert_close(pred.cov, parameter_oracle(model, var, x))
+    diag = streamline(model, var, x=x)
+    assert_close(diag.mean, model(x))
+    assert (diag.var > 0).all()
+
+
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_channel_shuffle_moves_each_variance_with_its_channel(structure: str) -> None:
+    """The network is linear in the conv's parameters and nothing mixes its outputs: exactly J Sigma J^T."""
+    model = Shuffled().to(DTYPE).eval()
+    x = torch.randn(2, 2, 4, 4, generator=seeded(1), dtype=DTYPE)
+    var = variances(model, scale=0.3)
+    pred = streamline(model, var, x=x, activation_cov=structure)
+    expected = parameter_oracle(model, var, x)
+    assert_close(pred.mean, model(x))
+    assert_close(pred.var, expected.diagonal(dim1=1, dim2=2))
+    if structure == "full":
+        assert_close(pred.cov, expected)

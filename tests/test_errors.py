@@ -124,3 +124,29 @@ def test_nothing_uncertain_is_rejected() -> None:
 def test_unknown_activation_structure_is_rejected() -> None:
     with pytest.raises(fxstream.FxstreamError, match="activation_cov must be 'diag' or 'full'"):
         fxstream.streamline(linear(), fxstream.Diagonal({"weight": torch.ones(3, 4)}), activation_cov="dense")
+
+
+class OuterProduct(nn.Module):
+    """h h^T of an uncertain activation: a product of two uncertain operands."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return (h.unsqueeze(-1) @ h.unsqueeze(-2)).flatten(1)
+
+
+def test_a_configuration_a_rule_declines_names_the_module_and_what_to_do() -> None:
+    """A rule's capability check, not an error from inside the rewritten graph."""
+    torch.manual_seed(0)
+    model = OuterProduct().eval()
+    posterior = fxstream.Diagonal({"fc.weight": torch.full_like(model.fc.weight, 1e-2)})
+    with pytest.raises(fxstream.UnsupportedOpError) as caught:
+        fxstream.streamline(model, posterior, backend="eager", activation_cov="full")(torch.randn(2, 4))
+    message = str(caught.value)
+    assert "two uncertain operands" in message and "activation_cov='diag'" in message
+    assert "OuterProduct" in message
+    pred = fxstream.streamline(model, posterior, backend="eager")(torch.randn(2, 4))
+    assert pred.var.shape == (2, 9)

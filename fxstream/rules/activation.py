@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .linearise import derivative, linearised_full
+from .linearise import derivative, linearised_full, zero_covariance
 from .registry import RuleCall, arg_path, register
 
 aten = torch.ops.aten
@@ -27,10 +27,31 @@ ELEMENTWISE = (
     aten.square.default,
     aten.pow.Tensor_Scalar,
     aten.abs.default,
+    aten.hardswish.default,  # MobileNetV3
+    aten.hardsigmoid.default,  # MobileNetV3's squeeze-and-excitation gate
+    aten.mish.default,  # CSPDarknet
+    aten.clamp.default,
+    aten.clamp.Tensor,
+    aten.clamp_min.default,  # F.normalize's norm.clamp_min(eps)
+    aten.clamp_max.default,
+    aten.reciprocal.default,
+    aten.erf.default,  # BERT's hand-written GELU
+    aten.sin.default,
+    aten.cos.default,
+    aten.log1p.default,
+    aten.expm1.default,
 )
 
 
-@register(*ELEMENTWISE, param_passthrough=True)
+def _one_uncertain_input(call: RuleCall) -> str | None:
+    """The diag rule differentiates in the first argument only: clamp's bounds must be deterministic."""
+    if any(path != arg_path(0) for path, *_ in call.uncertain()):
+        return (f"{call.op} with uncertain bounds is not supported; compute the bounds from deterministic "
+                "tensors (or constants), or leave what they depend on out of the posterior")
+    return None
+
+
+@register(*ELEMENTWISE, param_passthrough=True, supports=_one_uncertain_input)
 def elementwise(call: RuleCall) -> torch.Tensor:
     """g(h) ~ g(mu) + g'(mu)(h - mu): first-order Taylor expansion at the incoming mean."""
     if call.structure == "full":
@@ -49,9 +70,16 @@ def _not_training(call: RuleCall) -> str | None:
 
 
 @register(aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
-          aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.detach.default, param_passthrough=True,
-          supports=_not_training)
+          aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other, aten._to_copy.default,
+          aten.type_as.default, aten.detach.default, param_passthrough=True, supports=_not_training,
+          unread=lambda options: (1,))
 def identity(call: RuleCall) -> torch.Tensor:
-    """Ops that return their input's values (dropout in eval mode, copies, dtype casts)."""
+    """Ops that return their input's values (dropout in eval mode, copies, dtype and device casts).
+
+    The covariance is cast to the output's dtype and device. The second argument is never read:
+    ``type_as`` and ``to.other`` take only the dtype (and device) of theirs, whatever its uncertainty.
+    """
     cov = call.cov(0)
-    return cov.to(call.out.dtype) if isinstance(cov, torch.Tensor) else cov
+    if cov is None:  # only the tensor whose dtype is copied was uncertain: the values carry none
+        return zero_covariance(call)
+    return cov.to(dtype=call.out.dtype, device=call.out.device) if isinstance(cov, torch.Tensor) else cov

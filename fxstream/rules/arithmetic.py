@@ -48,7 +48,22 @@ def negate(call: RuleCall) -> torch.Tensor:
     return torch.broadcast_to(total, call.out.shape)
 
 
-@register(aten.mul.Tensor, aten.mul.Scalar, param_passthrough=True)
+def _product_problem(call: RuleCall) -> str | None:
+    """Full covariance of two uncertain factors needs each factor's samples to be the output's samples."""
+    if call.structure != "full" or not call.second_order:
+        return None
+    uncertain = list(call.uncertain())
+    if len(uncertain) < 2:
+        return None
+    shape = call.out.shape
+    for _, mean, _, kind in uncertain:
+        if kind == "full" and mean.shape != shape and (mean.dim() != len(shape) or mean.shape[0] != shape[0]):
+            return (f"full covariance of a product that broadcasts an activation of shape {tuple(mean.shape)} "
+                    f"across samples (to {tuple(shape)}) is not supported; use activation_cov='diag'")
+    return None
+
+
+@register(aten.mul.Tensor, aten.mul.Scalar, param_passthrough=True, supports=_product_problem)
 def mul(call: RuleCall) -> torch.Tensor:
     """x * z: m_x^2 v_z + m_z^2 v_x + v_x v_z for independent factors (exact moments)."""
     x, z = call.arg(0), call.arg(1)
@@ -84,14 +99,9 @@ def _second_order_full(call: RuleCall) -> torch.Tensor:
 
 
 def _broadcast_full(mean: torch.Tensor, cov: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The per-sample covariance of ``mean`` broadcast to ``shape`` (samples must not be broadcast)."""
+    """The per-sample covariance of ``mean`` broadcast to ``shape`` (the capability check keeps samples apart)."""
     if mean.shape == shape:
         return cov
-    if mean.dim() != len(shape) or mean.shape[0] != shape[0]:
-        raise ValueError(
-            f"full covariance of a product that broadcasts an activation of shape {tuple(mean.shape)} across "
-            f"samples (to {tuple(shape)}) is not supported; use activation_cov='diag'"
-        )
     return sandwich(lambda h: torch.broadcast_to(h, shape), mean, cov)
 
 

@@ -3,12 +3,15 @@
 O = P V with P = softmax(scale * Q K^T + mask), per batch and head; tokens of
 an activation are treated as independent (diagonal covariance).
 
-- ``attention="paper"`` (default): P from the mean queries and keys, only the
-  value uncertainty propagates: var_O[t] = sum_s P_ts^2 var_V[s].
-- ``attention="linearised"``: O linearised at the means in Q, K and V together
-  (independent inputs). With G_t = scale * sum_u P_tu (V_u - O_t) k_u^T (the
-  Jacobian of O_t in q_t), the query term is sum_d G_ted^2 var_q[t, d], and the
-  key term is scale^2 sum_r P_tr^2 (V_re - O_te)^2 sum_d q_td^2 var_k[r, d].
+- ``attention="paper"`` (default): P from the mean queries, keys and additive
+  mask, only the value uncertainty propagates: var_O[t] = sum_s P_ts^2 var_V[s].
+- ``attention="linearised"``: O linearised at the means in Q, K, V and an
+  uncertain additive mask (T5's relative position bias, a learned ALiBi)
+  together (independent inputs). With G_t = scale * sum_u P_tu (V_u - O_t) k_u^T
+  (the Jacobian of O_t in q_t), the query term is sum_d G_ted^2 var_q[t, d], the
+  key term is scale^2 sum_r P_tr^2 (V_re - O_te)^2 sum_d q_td^2 var_k[r, d], and
+  the mask term sum_r P_tr^2 (V_re - O_te)^2 var_mask[t, r] (the mask enters the
+  logits unscaled).
 
 The hand-written form (matmul, softmax, matmul) goes through the matmul and
 softmax rules; :mod:`fxstream.rules.patterns` holds its softmax at the mean
@@ -21,7 +24,7 @@ import math
 
 import torch
 
-from .linearise import sandwich
+from .linearise import batch_size, factor_to_full, parameter_factor, sandwich
 from .registry import RuleCall, register
 
 aten = torch.ops.aten
@@ -47,27 +50,52 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, mask, causal: bool
     return torch.softmax(scores, dim=-1)
 
 
-def _checked(call: RuleCall) -> tuple:
-    q, k, v, mask = (call.arg(i) for i in range(4))
+def _mask_cov(call: RuleCall):
+    """The additive mask's covariance (or, in a capability check, its kind), positional or by keyword."""
+    cov = call.cov(MASK)
+    return call.kw_covs.get("attn_mask") if cov is None else cov
+
+
+def _mask_kind(call: RuleCall):
+    kind = call.kind(MASK)
+    return call.kw_kinds.get("attn_mask") if kind is None else kind
+
+
+def _read(call: RuleCall) -> tuple[int, ...]:
+    """The arguments whose uncertainty the chosen ``attention`` option propagates."""
+    return (QUERY, KEY, VALUE, MASK) if call.options["attention"] == "linearised" else (VALUE,)
+
+
+def _attention_problem(call: RuleCall) -> str | None:
     if call.arg(4):
-        raise ValueError("attention dropout is random; call model.eval() before streamlining")
+        return "attention dropout is random; call model.eval() before streamlining"
+    read = _read(call)
     for index in (QUERY, KEY, VALUE):
         kind = call.kind(index)
-        if kind is not None and kind.startswith("param"):
-            raise ValueError("scaled_dot_product_attention with a parameter as query, key or value is not supported")
-    if call.cov(MASK) is not None:
-        raise ValueError("an uncertain attention mask is not supported; build the mask from deterministic inputs")
+        if index in read and isinstance(kind, str) and kind.startswith("param"):
+            return ("scaled_dot_product_attention with a parameter as query, key or value is not supported; "
+                    "leave that parameter out of the posterior")
+    mask = call.arg(MASK)
+    if MASK in read and call.structure == "full" and _mask_kind(call) == "full" \
+            and (mask.dim() == 0 or mask.shape[0] != call.arg(QUERY).shape[0]):
+        return ("full covariance of an uncertain attention mask shared across the batch is not supported; "
+                "use activation_cov='diag'")
+    return None
+
+
+def _means(call: RuleCall) -> tuple:
+    q, k, v, mask = (call.arg(i) for i in range(4))
     heads = q.shape[-3]
     k, v = _heads_repeated(k, heads), _heads_repeated(v, heads)
     return q, k, v, mask, bool(call.arg(5)), call.arg(6)
 
 
-@register(aten.scaled_dot_product_attention.default,
-          unread=lambda options: (QUERY, KEY) if options["attention"] == "paper" else ())
+@register(aten.scaled_dot_product_attention.default, supports=_attention_problem,
+          unread=lambda options: (QUERY, KEY, MASK) if options["attention"] == "paper" else ())
 def scaled_dot_product_attention(call: RuleCall) -> torch.Tensor:
     """Output covariance of attention under the chosen ``attention`` option (see the module doc)."""
     linearised = call.options["attention"] == "linearised"
-    q, k, v, mask, causal, scale = _checked(call)
+    q, k, v, mask, causal, scale = _means(call)
     if call.structure == "full":
         return _full(call, linearised)
     p = attention_probabilities(q, k, mask, causal, scale)
@@ -81,9 +109,14 @@ def scaled_dot_product_attention(call: RuleCall) -> torch.Tensor:
     if call.cov(QUERY) is not None:
         jacobian = scale * torch.einsum("...ts,...tse,...sd->...ted", p, centred, k)
         var = var + torch.einsum("...ted,...td->...te", jacobian.square(), call.cov(QUERY))
+    weight = None
     if call.cov(KEY) is not None:
         var_k = _heads_repeated(call.cov(KEY), q.shape[-3])
         weight = scale**2 * p.square() * (q.square() @ var_k.transpose(-2, -1))
+    if _mask_cov(call) is not None:
+        masked = p.square() * _mask_cov(call)
+        weight = masked if weight is None else weight + masked
+    if weight is not None:
         var = var + torch.einsum("...ts,...tse->...te", weight, centred.square())
     return var
 
@@ -97,18 +130,23 @@ def _full(call: RuleCall, linearised: bool) -> torch.Tensor:
     q, k, v, mask = (call.arg(i) for i in range(4))
     causal, scale, heads = bool(call.arg(5)), call.arg(6), q.shape[-3]
 
-    def attention(q_, k_, v_):
-        probabilities = attention_probabilities(q_, _heads_repeated(k_, heads), mask, causal, scale)
+    def attention(q_, k_, v_, mask_):
+        probabilities = attention_probabilities(q_, _heads_repeated(k_, heads), mask_, causal, scale)
         return probabilities @ _heads_repeated(v_, heads)
 
-    means = [q, k, v]
+    means = [q, k, v, mask]
     total = 0
-    for index in (QUERY, KEY, VALUE) if linearised else (VALUE,):
-        if call.cov(index) is None:
+    for index in _read(call):
+        cov, kind = (_mask_cov(call), _mask_kind(call)) if index == MASK else (call.cov(index), call.kind(index))
+        if cov is None:
             continue
 
         def moved(x, index=index):
             return attention(*(x if i == index else m for i, m in enumerate(means)))
 
-        total = total + sandwich(moved, means[index], call.cov(index))
+        if kind == "param_diag":  # a parameter mask (T5's bias): J diag(v) J^T
+            term = factor_to_full(parameter_factor(moved, means[index], cov), batch_size(call))
+        else:
+            term = sandwich(moved, means[index], cov)
+        total = total + term
     return total

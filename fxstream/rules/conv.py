@@ -19,11 +19,10 @@ from .linear import bias_full, parameter
 from .linearise import sandwich
 from .registry import RuleCall, register
 from .weights import (
-    AFFINE_BIAS,
     PARAM_KINDS,
-    WEIGHT_STRUCTURES,
     bias_covariance,
     bias_variance,
+    layer_problem,
     plus,
     second_moment,
     weight_diag,
@@ -36,13 +35,26 @@ CONVOLUTIONS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
                 aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
 
 
-@register(*CONVOLUTIONS, param_kinds=PARAM_KINDS)
+def _param_kind(call: RuleCall, index: int) -> str | None:
+    kind = call.kind(index)
+    return kind if isinstance(kind, str) and kind.startswith("param") else None
+
+
+def _conv_problem(call: RuleCall) -> str | None:
+    """Kernel and bias posterior kinds the rule cannot combine, or an uncertain kernel that is an activation."""
+    if call.cov(1) is not None and _param_kind(call, 1) is None:
+        return f"{call.op}: a kernel computed from the input (a dynamic convolution) is not supported"
+    if call.cov(2) is not None and _param_kind(call, 2) is None:
+        return f"{call.op}: a bias computed from the input is not supported; add it after the convolution"
+    problem = layer_problem(_param_kind(call, 1), _param_kind(call, 2), groups=call.arg(6))
+    return None if problem is None else f"{call.op}: {problem}"
+
+
+@register(*CONVOLUTIONS, param_kinds=PARAM_KINDS, supports=_conv_problem)
 def conv(call: RuleCall) -> torch.Tensor:
     x, w = call.arg(0), call.arg(1)
     vx, weight, bias = call.cov(0), parameter(call, 1), parameter(call, 2)
     geometry = tuple(call.arg(i) for i in range(3, 7))  # stride, padding, dilation, groups
-    if (weight is not None and WEIGHT_STRUCTURES[weight[0]].affine) != (bias is not None and bias[0] == AFFINE_BIAS):
-        raise ValueError(f"{call.op}: a posterior over kernel and bias jointly needs both in the same conv call")
     if call.structure == "full":
         return _conv_full(call, x, vx, w, weight, bias, geometry)
     var_b = None if bias is None else bias_variance(*bias)
@@ -117,11 +129,6 @@ def _ungrouped(kind: str, tensors, groups: int):
     """The kernel posterior over all input channels' patches (zero outside each group)."""
     if groups == 1:
         return tensors
-    if kind != "param_diag":
-        raise ValueError(
-            f"a '{kind}' kernel posterior is supported for groups=1 only; grouped and depthwise "
-            "convolutions take a diagonal posterior (fxstream.Diagonal or .to_diagonal())"
-        )
-    v = tensors[0]
+    v = tensors[0]  # param_diag: the capability check declines other kinds on a grouped conv
     blocks = v.reshape(groups, v.shape[0] // groups, -1)
     return (torch.block_diag(*blocks.unbind(0)),)

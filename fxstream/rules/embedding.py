@@ -18,11 +18,15 @@ from .registry import RuleCall, register
 aten = torch.ops.aten
 
 
-@register(aten.embedding.default, param_passthrough=True)
+def _deterministic_indices(call: RuleCall) -> str | None:
+    if call.cov(1) is not None:
+        return "embedding indices must be deterministic (integers carry no covariance); look up by integer indices"
+    return None
+
+
+@register(aten.embedding.default, param_passthrough=True, supports=_deterministic_indices)
 def embedding(call: RuleCall) -> torch.Tensor:
     """The variances of the looked-up rows (same rows, same weights: correlated in full)."""
-    if call.cov(1) is not None:
-        raise ValueError("embedding indices must be deterministic (integers carry no covariance)")
     if call.structure != "full":
         return routed_variance(call)
     indices = call.arg(1)

@@ -13,18 +13,19 @@ var = s @ (M^2)^T + (m^2 + s) @ V^T + var_b.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .linearise import batch_size, linearised_full
 from .registry import RULES, RuleCall, register
 from .weights import (
-    AFFINE_BIAS,
     PARAM_KINDS,
-    WEIGHT_STRUCTURES,
     as_tensors,
     bias_covariance,
     bias_variance,
     by_output_blocks,
+    layer_problem,
     matmul_into,
     plus,
     squared,
@@ -111,23 +112,75 @@ def transposed_weight(param: Param) -> Param:
     return None if param is None else (param[0], transposed(*param))
 
 
-def _check_bias(call: RuleCall, weight: Param, bias: Param) -> None:
-    joint = weight is not None and WEIGHT_STRUCTURES[weight[0]].affine
-    if joint != (bias is not None and bias[0] == AFFINE_BIAS):
-        raise ValueError(
-            f"{call.op}: a posterior over weight and bias jointly needs both in the same layer call"
-        )
-
-
-def _is_param(call: RuleCall, index: int) -> bool:
-    kind = call.kind(index)
+def _is_param(call: RuleCall, index: int | None) -> bool:
+    kind = call.kind(index) if index is not None else None
     return isinstance(kind, str) and kind.startswith("param")
+
+
+#: op -> positions of (x, y, the added term) in x @ y (+ added); y is the weight of a layer.
+OPERANDS = {
+    aten.linear.default: (0, 1, 2),
+    aten.addmm.default: (1, 2, 0),
+    aten.mm.default: (0, 1, None),
+    aten.matmul.default: (0, 1, None),
+    aten.bmm.default: (0, 1, None),
+    aten.baddbmm.default: (1, 2, 0),
+    aten.addbmm.default: (1, 2, 0),
+}
+_SCALED = (aten.addmm.default, aten.baddbmm.default, aten.addbmm.default)
+
+
+def _scales(call: RuleCall) -> tuple[float, float]:
+    """(beta, alpha) of beta * added + alpha * (x @ y)."""
+    if call.op not in _SCALED:
+        return 1.0, 1.0
+    return float(call.arg(3)), float(call.arg(4))
+
+
+def _is_layer(call: RuleCall) -> bool:
+    """Whether the call is a layer x @ W^T with W a parameter or deterministic (else a product of activations)."""
+    _, y, _ = OPERANDS[call.op]
+    if call.op not in (aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default):
+        return False
+    if call.op is aten.matmul.default and call.arg(1).dim() != 2:
+        return False
+    return _is_param(call, y) or call.cov(y) is None
+
+
+def _linear_problem(call: RuleCall) -> str | None:
+    """The posterior kinds and structures these rules cannot combine (the call's kinds decide)."""
+    x, y, added = OPERANDS[call.op]
+    bias_kind = call.kind(added) if _is_param(call, added) else None
+    if _is_layer(call):
+        weight_kind = call.kind(y) if _is_param(call, y) else None
+        problem = layer_problem(weight_kind, bias_kind, transposed=call.op is not aten.linear.default)
+        return None if problem is None else f"{call.op}: {problem}"
+    for *_, kind in call.uncertain():
+        if kind.startswith("param") and kind != "param_diag":
+            return (f"{call.op}: a '{kind}' posterior is supported on a 2-D weight used as x @ W only; give this "
+                    "parameter a diagonal posterior (fxstream.Diagonal or .to_diagonal())")
+    if call.structure == "full" and call.cov(x) is not None and call.cov(y) is not None:
+        return (f"{call.op}: full covariance of a product of two uncertain operands (a batched product such as "
+                "attention scores) is not supported; use activation_cov='diag'")
+    return None
+
+
+def _added_activation(call: RuleCall, beta: float) -> torch.Tensor | None:
+    """The covariance of beta * s for an uncertain activation s added to a layer's output (a parameter
+    there is a bias, handled by :func:`affine`)."""
+    index = OPERANDS[call.op][2]
+    if index is None or call.cov(index) is None or _is_param(call, index):
+        return None
+    if call.structure == "full":
+        alone = tuple(c if i == index else None for i, c in enumerate(call.covs))
+        return linearised_full(dataclasses.replace(call, covs=alone, kw_covs={}))
+    return beta**2 * call.cov(index)
 
 
 def affine(call: RuleCall, x, w, weight: Param, bias: Param, alpha: float = 1.0, beta: float = 1.0) -> torch.Tensor:
     """Covariance of alpha * (x @ w^T) + beta * b in the call's activation structure."""
-    _check_bias(call, weight, bias)
-    vx = call.cov(0) if call.op is not aten.addmm.default else call.cov(1)
+    vx = call.cov(OPERANDS[call.op][0])
+    added = _added_activation(call, beta)
     if call.structure == "full":
         batch = batch_size(call)
         cov = alpha**2 * affine_full(x, vx, w, weight, batch, call.second_order)
@@ -135,7 +188,7 @@ def affine(call: RuleCall, x, w, weight: Param, bias: Param, alpha: float = 1.0,
         if cov_b is not None:
             rows = x.numel() // (batch * x.shape[-1])
             cov = cov + bias_full(beta**2 * cov_b, rows, batch)
-        return cov
+        return cov if added is None else cov + added
     var_b = None if bias is None else bias_variance(*bias)
     if var_b is not None and beta != 1:
         var_b = beta**2 * var_b
@@ -144,63 +197,86 @@ def affine(call: RuleCall, x, w, weight: Param, bias: Param, alpha: float = 1.0,
     else:
         body = affine_diag(x, vx, w, weight, second_order=call.second_order)
         var = var_b if body is None else plus(var_b, alpha**2 * body)
+    if added is not None:
+        var = added if var is None else var + added
     return torch.broadcast_to(var, call.out.shape)
 
 
-@register(aten.linear.default, param_kinds=PARAM_KINDS)
+def _bias(call: RuleCall) -> Param:
+    """The posterior of the added term when it is a parameter (a bias), else None."""
+    index = OPERANDS[call.op][2]
+    return parameter(call, index) if _is_param(call, index) else None
+
+
+@register(aten.linear.default, param_kinds=PARAM_KINDS, supports=_linear_problem)
 def linear(call: RuleCall) -> torch.Tensor:
     """x @ W^T + b."""
     x, w = call.arg(0), call.arg(1)
-    if _is_param(call, 1) or call.cov(1) is None:
-        return affine(call, x, w, parameter(call, 1), parameter(call, 2))
+    if _is_layer(call):
+        return affine(call, x, w, parameter(call, 1), _bias(call))
     vw = call.cov(1).transpose(-1, -2)
-    return _product_of_activations(call, x, call.cov(0), w.transpose(-1, -2), vw, 1.0, parameter(call, 2), 1.0)
+    return _product_of_activations(call, x, call.cov(0), w.transpose(-1, -2), vw)
 
 
-@register(aten.addmm.default, aten.mm.default, param_kinds=PARAM_KINDS)
+@register(aten.addmm.default, aten.mm.default, param_kinds=PARAM_KINDS, supports=_linear_problem)
 def addmm(call: RuleCall) -> torch.Tensor:
     """beta * b + alpha * (x @ y) (addmm) and x @ y (mm); y is the weight (Din, Dout)."""
-    if call.op is aten.mm.default:
-        x_index, bias, beta, alpha = 0, None, 1.0, 1.0
-    else:
-        x_index, bias = 1, parameter(call, 0)
-        beta, alpha = float(call.kwargs.get("beta", 1)), float(call.kwargs.get("alpha", 1))
-    x, y = call.arg(x_index), call.arg(x_index + 1)
-    if _is_param(call, x_index + 1) or call.cov(x_index + 1) is None:
-        weight = transposed_weight(parameter(call, x_index + 1))
-        return affine(call, x, y.t(), weight, bias, alpha, beta)
-    return _product_of_activations(call, x, call.cov(x_index), y, call.cov(x_index + 1), alpha, bias, beta)
+    x_index, y_index, _ = OPERANDS[call.op]
+    beta, alpha = _scales(call)
+    x, y = call.arg(x_index), call.arg(y_index)
+    if _is_layer(call):
+        weight = transposed_weight(parameter(call, y_index))
+        return affine(call, x, y.t(), weight, _bias(call), alpha, beta)
+    return _product_of_activations(call, x, call.cov(x_index), y, call.cov(y_index))
 
 
-@register(aten.matmul.default, aten.bmm.default, param_kinds=PARAM_KINDS)
+@register(aten.matmul.default, aten.bmm.default, aten.baddbmm.default, param_kinds=PARAM_KINDS,
+          supports=_linear_problem)
 def matmul(call: RuleCall) -> torch.Tensor:
-    """x @ y. With a 2-D y it is a linear layer; batched products of activations are diag only."""
-    x, y = call.arg(0), call.arg(1)
-    if y.dim() == 2 and (_is_param(call, 1) or call.cov(1) is None):
+    """x @ y (matmul, bmm) and beta * s + alpha * (x @ y) (baddbmm: ALiBi plus attention scores).
+
+    With a 2-D y it is a linear layer; batched products of two activations are diag only.
+    """
+    x_index, y_index, _ = OPERANDS[call.op]
+    x, y = call.arg(x_index), call.arg(y_index)
+    if _is_layer(call):
         return affine(call, x, y.t(), transposed_weight(parameter(call, 1)), None)
-    return _product_of_activations(call, x, call.cov(0), y, call.cov(1), 1.0, None, 1.0)
+    return _product_of_activations(call, x, call.cov(x_index), y, call.cov(y_index))
 
 
-def _product_of_activations(call: RuleCall, x, vx, y, vy, alpha: float, bias: Param, beta: float) -> torch.Tensor:
-    """Variance of x @ y when y is an activation, batched, or x a diagonal parameter.
+@register(aten.addbmm.default, structures=("diag",), supports=_linear_problem)
+def addbmm(call: RuleCall) -> torch.Tensor:
+    """beta * s + alpha * sum_b x_b @ y_b: the batch's products read disjoint entries, so their variances add.
+
+    diag only: the sum runs over the leading dimension, which mixes what would be samples.
+    """
+    return _product_of_activations(call, call.arg(1), call.cov(1), call.arg(2), call.cov(2),
+                                   reduce=lambda var: var.sum(0))
+
+
+def _product_of_activations(call: RuleCall, x, vx, y, vy, reduce=None) -> torch.Tensor:
+    """Variance of beta * s + alpha * (x @ y) when y is an activation, batched, or x a diagonal parameter.
 
     With one uncertain operand the product is linear in it (attention weights times values),
-    so its linearisation is exact in full covariance too; two uncertain operands are diag only.
+    so its linearisation is exact in full covariance too; two uncertain operands are diag only
+    (the capability check declines them in full). The moments of x @ y are exact for independent
+    x and y: the v_x @ v_y term is kept unless products="linearised".
     """
     if call.structure == "full":
-        if vx is None or vy is None:
-            return linearised_full(call)
-        if y.dim() != 2:
-            raise ValueError(f"{call.op}: full covariance of a batched product is not supported; use diag")
-        raise ValueError(f"{call.op}: full covariance when both operands are activations is not supported")
-    for kind in call.kinds:
-        if isinstance(kind, str) and kind.startswith("param") and kind != "param_diag":
-            raise ValueError(
-                f"{call.op}: a '{kind}' posterior is supported on a 2-D weight used as x @ W only"
-            )
-    var = alpha**2 * contraction_variance(x, vx, y, vy, call.second_order)
-    var_b = None if bias is None else bias_variance(*bias)
-    return torch.broadcast_to(var if var_b is None else var + beta**2 * var_b, call.out.shape)
+        return linearised_full(call)
+    beta, alpha = _scales(call)
+    var = contraction_variance(x, vx, y, vy, call.second_order)
+    if alpha != 1:
+        var = alpha**2 * var
+    if reduce is not None and isinstance(var, torch.Tensor):
+        var = reduce(var)
+    bias = _bias(call)
+    if bias is not None:
+        var = var + beta**2 * bias_variance(*bias)
+    added = _added_activation(call, beta)
+    if added is not None:
+        var = var + added
+    return torch.broadcast_to(var, call.out.shape)
 
 
 #: Affine ops whose covariance can be narrowed to some output features (the last dim of the output):

@@ -94,13 +94,22 @@ def linearised_full(call: RuleCall, output: TensorFn | None = None) -> torch.Ten
             term = sandwich(fn, mean, cov)
         elif kind == "param_diag":
             term = factor_to_full(parameter_factor(fn, mean, cov), batch)
-        else:
-            raise ValueError(f"{call.op}: unsupported covariance kind '{kind}'")
+        else:  # a rule that hands other parameter kinds here declines them in its capability check
+            raise NotImplementedError(f"{call.op}: linearised_full has no term for a '{kind}' posterior")
         total = term if total is None else total + term
     if total is None:
         n = pick(call.out).numel() // batch
         return pick(call.out).new_zeros(batch, n, n)
     return total
+
+
+def zero_covariance(call: RuleCall) -> torch.Tensor:
+    """The covariance of an output that carries no uncertainty, in the call's structure."""
+    if call.structure == "full":
+        batch = batch_size(call)
+        n = call.out.numel() // batch
+        return call.out.new_zeros(batch, n, n)
+    return torch.zeros_like(call.out)
 
 
 def routed_variance(call: RuleCall, output: TensorFn | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Normalisation layers in inference mode: batch norm (running statistics) and layer norm."""
+"""Normalisation layers in inference mode: batch norm (running statistics), layer norm and group norm."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ from .registry import RuleCall, register
 aten = torch.ops.aten
 
 
-@register(aten.batch_norm.default)
+def _eval_mode(call: RuleCall) -> str | None:
+    if call.op is aten.batch_norm.default and call.arg(5):
+        return "batch norm in training mode uses batch statistics; call model.eval() before streamlining"
+    return None
+
+
+@register(aten.batch_norm.default, supports=_eval_mode)
 def batch_norm(call: RuleCall) -> torch.Tensor:
     """Eval-mode batch norm y = gamma * (x - mu_r) / sqrt(var_r + eps) + beta, an affine map per channel.
 
@@ -20,10 +26,8 @@ def batch_norm(call: RuleCall) -> torch.Tensor:
     normalised input and v_xhat = v_x / (var_r + eps), evaluated as
     v_x (gamma^2 + v_gamma) / (var_r + eps) + (x - mu_r)^2 v_gamma / (var_r + eps) + v_beta.
     """
-    x, gamma, _, running_mean, running_var, training = (call.arg(i) for i in range(6))
+    x, gamma, _, running_mean, running_var = (call.arg(i) for i in range(5))
     eps = call.arg(7)
-    if training:
-        raise ValueError("batch norm in training mode uses batch statistics; call model.eval() before streamlining")
     channel = (-1,) + (1,) * (x.dim() - 2)
     inv_std = torch.rsqrt(running_var + eps).reshape(channel)
     if call.structure == "full":
@@ -118,21 +122,65 @@ def layer_norm(call: RuleCall) -> torch.Tensor:
 def _layer_norm_full(call: RuleCall, mu: torch.Tensor, inv_std: torch.Tensor, linearised: bool) -> torch.Tensor:
     """Per-sample covariance: J S J^T for the input (statistics fixed or not), plus the parameter terms."""
     x, shape, gamma, beta, eps = (call.arg(i) for i in range(5))
-    params_only = dataclasses.replace(call, covs=(None,) + tuple(call.covs[1:]))
-    cov = linearised_full(params_only) if next(params_only.uncertain(), None) is not None else 0
-    if call.cov(0) is None:
-        return cov
 
     def normalised(h: torch.Tensor) -> torch.Tensor:
         if linearised:
             return torch.nn.functional.layer_norm(h, shape, None, None, eps)
         return (h - mu) * inv_std
 
+    return _affine_norm_full(call, normalised, lambda g: torch.broadcast_to(g, x.shape))
+
+
+def _affine_norm_full(call: RuleCall, normalised, spread) -> torch.Tensor:
+    """gamma * normalised(x) + beta in full covariance: the affine parameters' terms (the op is linear
+    in them), gamma J S J^T gamma for the input, and the exact second-order term of gamma times xhat.
+
+    ``spread`` maps a parameter of gamma's shape to the input's.
+    """
+    x, gamma = call.arg(0), call.arg(2)
+    params_only = dataclasses.replace(call, covs=(None,) + tuple(call.covs[1:]))
+    cov = linearised_full(params_only) if next(params_only.uncertain(), None) is not None else 0
+    if call.cov(0) is None:
+        return cov
     xhat_cov = sandwich(normalised, x, call.cov(0))
     if gamma is None:
         return cov + xhat_cov
-    scale = torch.broadcast_to(gamma, x.shape).reshape(x.shape[0], -1)
+    scale = spread(gamma).reshape(x.shape[0], -1)
     cov = cov + xhat_cov * scale[:, :, None] * scale[:, None, :]
     if call.cov(2) is not None and call.second_order:
-        cov = cov + noise_product_full(xhat_cov, gamma, call.cov(2), lambda g: torch.broadcast_to(g, x.shape))
+        cov = cov + noise_product_full(xhat_cov, gamma, call.cov(2), spread)
     return cov
+
+
+@register(aten.group_norm.default)
+def group_norm(call: RuleCall) -> torch.Tensor:
+    """Group norm (PoolFormer, BiT's ResNetV2): layer norm over each group of channels of a sample,
+    then a per-channel gamma and beta; the same rules as :func:`layer_norm` (option ``norm``).
+    """
+    x, groups, gamma, eps = call.arg(0), call.arg(1), call.arg(2), call.arg(4)
+    linearised = call.options["norm"] == "linearised"
+    batch = x.shape[0]
+    channel = (-1,) + (1,) * (x.dim() - 2)
+    mu, inv_std = layer_statistics(x.reshape(batch, groups, -1), 1, eps)
+
+    def grouped(h: torch.Tensor) -> torch.Tensor:
+        return h.reshape(batch, groups, -1)
+
+    if call.structure == "full":
+        def normalised(h: torch.Tensor) -> torch.Tensor:
+            if linearised:
+                return torch.nn.functional.group_norm(h, groups, None, None, eps)
+            return ((grouped(h) - mu) * inv_std).reshape(h.shape)
+
+        return _affine_norm_full(call, normalised, lambda g: torch.broadcast_to(g.reshape(channel), x.shape))
+    xhat = (grouped(x) - mu) * inv_std
+    v_xhat = 0
+    if call.cov(0) is not None:
+        v_xhat = _normalised_variance(xhat, grouped(call.cov(0)), inv_std, 1, linearised).reshape(x.shape)
+    xhat = xhat.reshape(x.shape)
+    var = v_xhat * (1.0 if gamma is None else gamma.reshape(channel).square())
+    if call.cov(2) is not None:
+        var = var + call.cov(2).reshape(channel) * (xhat.square() + (v_xhat if call.second_order else 0))
+    if call.cov(3) is not None:
+        var = var + call.cov(3).reshape(channel)
+    return torch.broadcast_to(var, call.out.shape)

@@ -25,12 +25,16 @@ MATMUL = (aten.matmul.default, aten.bmm.default)
 TRANSPARENT = (
     aten.dropout.default,
     aten.to.dtype,
+    aten._to_copy.default,  # what a cast is after functionalization (HF's softmax(..., float32).to(dtype))
     aten.contiguous.default,
     aten.clone.default,
     aten.alias.default,
     aten.detach.default,
 )
 SQUARE = (aten.pow.Tensor_Scalar, aten.square.default)
+# Reshapes between an attention's softmax and its product with the values (BLOOM views the
+# probabilities (B, H, T, S) as (B*H, T, S) for bmm); they keep the probabilities what they are.
+RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def mean_only_nodes(graph: torch.fx.Graph, options: Mapping[str, str]) -> set[torch.fx.Node]:
@@ -43,11 +47,11 @@ def mean_only_nodes(graph: torch.fx.Graph, options: Mapping[str, str]) -> set[to
     return held
 
 
-def _consumers(node: torch.fx.Node) -> Iterator[tuple[torch.fx.Node, torch.fx.Node]]:
-    """(user, operand) pairs: the ops that read ``node``'s value, looking through transparent ops."""
+def _consumers(node: torch.fx.Node, through: tuple = TRANSPARENT) -> Iterator[tuple[torch.fx.Node, torch.fx.Node]]:
+    """(user, operand) pairs: the ops that read ``node``'s value, looking through the ops in ``through``."""
     for user in node.users:
-        if user.op == "call_function" and user.target in TRANSPARENT:
-            yield from _consumers(user)
+        if user.op == "call_function" and user.target in through:
+            yield from _consumers(user, through)
         else:
             yield user, node
 
@@ -56,7 +60,8 @@ def attention_probabilities(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """Softmax nodes whose output weights the values of an attention: softmax(...) @ V.
 
     The softmax is the left operand of a batched matmul whose right operand is an
-    activation (a classifier's softmax never multiplies another tensor).
+    activation (a classifier's softmax never multiplies another tensor), possibly
+    after casts, eval dropout and reshapes.
     """
     found = []
     for node in graph.nodes:
@@ -64,7 +69,7 @@ def attention_probabilities(graph: torch.fx.Graph) -> list[torch.fx.Node]:
             continue
         if any(
             user.target in MATMUL and user.args[0] is operand and user.args[1].op != "placeholder"
-            for user, operand in _consumers(node)
+            for user, operand in _consumers(node, TRANSPARENT + RESHAPES)
         ):
             found.append(node)
     return found

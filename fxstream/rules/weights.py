@@ -315,11 +315,37 @@ AFFINE_BIAS = "param_affine_bias"
 PARAM_KINDS = tuple(WEIGHT_STRUCTURES) + (AFFINE_BIAS,)
 
 
+#: posterior kinds a bias (a vector) may have; ``param_affine_bias``: carried by its weight's joint posterior.
+BIAS_KINDS = ("param_diag", "param_dense", "param_lowrank", AFFINE_BIAS)
+
+
+def layer_problem(weight: str | None, bias: str | None, transposed: bool = False, groups: int = 1) -> str | None:
+    """Why a layer cannot combine these weight and bias posterior kinds (None: not a parameter), or None.
+
+    ``transposed``: the weight is stored (Din, Dout) and used as ``x @ P``; ``groups``: a grouped conv.
+    The rules' capability checks ask this before anything runs, so the functions below never see
+    a kind they cannot handle.
+    """
+    structure = None if weight is None else WEIGHT_STRUCTURES.get(weight)
+    if weight is not None and structure is None:
+        return f"a '{weight}' posterior cannot be the weight of a linear or conv layer"
+    if bias is not None and bias not in BIAS_KINDS:
+        return (f"a '{bias}' posterior cannot be the bias of a linear or conv layer; give the bias a diagonal, "
+                "dense or low-rank covariance")
+    if (structure is not None and structure.affine) != (bias == AFFINE_BIAS):
+        return ("a posterior over weight and bias jointly needs both in the same layer call; give the weight "
+                "and the bias separate covariances")
+    if transposed and structure is not None and structure.transpose is None:
+        return (f"a '{weight}' posterior (weight and bias jointly) is only supported on linear and conv "
+                "layers; give the weight and the bias separate covariances")
+    if groups != 1 and weight is not None and weight != "param_diag":
+        return (f"a '{weight}' kernel posterior is supported for groups=1 only; grouped and depthwise "
+                "convolutions take a diagonal posterior (fxstream.Diagonal or .to_diagonal())")
+    return None
+
+
 def _structure(kind: str) -> WeightStructure:
-    found = WEIGHT_STRUCTURES.get(kind)
-    if found is None:
-        raise ValueError(f"a '{kind}' posterior cannot be the weight of a linear or conv layer")
-    return found
+    return WEIGHT_STRUCTURES[kind]
 
 
 def _augment(x: torch.Tensor, cov: torch.Tensor | None, full: bool):
@@ -356,13 +382,7 @@ def weight_full(kind: str, tensors: Tensors, x: torch.Tensor, s: torch.Tensor | 
 
 def transposed(kind: str, tensors: Tensors) -> Tensors:
     """The tensors of P^T for a parameter P (Din, Dout) used as ``x @ P``."""
-    structure = _structure(kind)
-    if structure.transpose is None:
-        raise ValueError(
-            f"a '{kind}' posterior (weight and bias jointly) is only supported on linear and conv "
-            "layers; give the weight and the bias separate covariances"
-        )
-    return structure.transpose(tensors)
+    return _structure(kind).transpose(tensors)
 
 
 def as_tensors(cov) -> Tensors:
@@ -385,10 +405,8 @@ def bias_covariance(kind: str | None, tensors: Tensors) -> torch.Tensor | None:
         return torch.diag_embed(tensors[0])
     if kind == "param_dense":
         return tensors[0]
-    if kind == "param_lowrank":
-        d, u = tensors
-        return torch.diag_embed(d) + u.t() @ u
-    raise ValueError(f"a '{kind}' posterior cannot be the bias of a linear or conv layer")
+    d, u = tensors  # param_lowrank, the last of BIAS_KINDS
+    return torch.diag_embed(d) + u.t() @ u
 
 
 def marginal_variance(kind: str, tensors: Tensors, shape: torch.Size | None = None) -> torch.Tensor:

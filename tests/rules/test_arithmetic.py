@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import Sample, act, cases, check_sample, param, rand, randn
+from harness import Sample, act, capability_problem, cases, check_sample, param, rand, randn
 
 aten = torch.ops.aten
 x, y = randn(3, 4, seed=1), randn(3, 4, seed=2)
@@ -43,3 +43,12 @@ SAMPLES = [
 @pytest.mark.parametrize("sample, structure", cases(SAMPLES))
 def test_rule(sample: Sample, structure: str) -> None:
     check_sample(sample, structure)
+
+
+def test_full_product_broadcasting_an_activation_across_samples_is_declined() -> None:
+    """A factor with one sample broadcast over three has no per-sample covariance to carry."""
+    shared = Sample(aten.mul.Tensor, (act(x), act(row[None])))
+    assert "activation_cov='diag'" in capability_problem(shared, "full")
+    assert capability_problem(shared, "diag") is None
+    assert capability_problem(shared, "full", {"products": "linearised"}) is None  # no second-order term to form
+    assert capability_problem(Sample(aten.mul.Tensor, (act(x), act(column))), "full") is None

@@ -39,3 +39,27 @@ SAMPLES = [
 @pytest.mark.parametrize("sample, structure", cases(SAMPLES))
 def test_rule(sample: Sample, structure: str) -> None:
     check_sample(sample, structure)
+
+
+def _problem(args, kinds):
+    from fxstream.rules import RULES
+    from fxstream.rules.registry import RuleCall
+
+    op = aten.conv2d.default
+    return RULES[op].supports(RuleCall(op, args, {}, kinds, {}, kinds, {}, None, "diag"))
+
+
+@pytest.mark.parametrize("args, kinds, expected", [
+    ((grouped_in, grouped_w, None, [1, 1], [1, 1], [1, 1], 2), ("diag", "param_kfac"), "groups=1 only"),
+    ((image, w, b, [1, 1], [0, 0], [1, 1], 1), ("diag", "param_dense_affine", None), "jointly"),
+    ((image, w, b, [1, 1], [0, 0], [1, 1], 1), ("diag", "diag"), "dynamic convolution"),
+    ((image, w, b, [1, 1], [0, 0], [1, 1], 1), ("diag", None, "diag"), "after the convolution"),
+])
+def test_kernel_and_bias_posteriors_the_rule_cannot_combine_are_declined(args, kinds, expected: str) -> None:
+    assert expected in _problem(args, kinds)
+
+
+def test_kernel_and_bias_posteriors_the_rule_handles_are_accepted() -> None:
+    assert _problem((grouped_in, grouped_w, None, [1, 1], [1, 1], [1, 1], 2), ("diag", "param_diag")) is None
+    assert _problem((image, w, b, [1, 1], [0, 0], [1, 1], 1),
+                    ("diag", "param_lowrank_affine", "param_affine_bias")) is None

@@ -21,3 +21,14 @@ SAMPLES = [
 @pytest.mark.parametrize("sample, structure", cases(SAMPLES))
 def test_rule(sample: Sample, structure: str) -> None:
     check_sample(sample, structure)
+
+
+def test_uncertain_indices_are_declined() -> None:
+    """Integers carry no covariance; were indices to come with one, the rule says so instead of ignoring it."""
+    from fxstream.rules import RULES
+    from fxstream.rules.registry import RuleCall
+
+    op = aten.embedding.default
+    for kinds, declined in ((("param_diag", "diag"), True), (("param_diag", None), False)):
+        problem = RULES[op].supports(RuleCall(op, (table, tokens), {}, kinds, {}, kinds, {}, None, "diag"))
+        assert (problem is not None and "deterministic" in problem) == declined

@@ -5,13 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import Sample, act, cases, check_sample, param, randn
+from harness import Sample, act, capability_problem, cases, check_sample, param, randn
+
+from fxstream.rules import RULES
+from fxstream.rules.registry import RuleCall
 
 aten = torch.ops.aten
 x = randn(3, 4, seed=1)
 tokens = randn(2, 3, 4, seed=2)
 w, b = randn(5, 4, seed=3), randn(5, seed=4)
 y = randn(2, 4, 5, seed=5)
+scores = randn(2, 3, 5, seed=6)  # what baddbmm adds: ALiBi's bias, or a previous layer's scores
+alibi = randn(1, 3, 5, seed=7)  # broadcast over the batch
+products = randn(4, 3, 5, seed=8)  # the stacked products addbmm sums: x (4, 3, 2) @ y (4, 2, 5)
+left, right = randn(4, 3, 2, seed=9), randn(4, 2, 5, seed=10)
 
 SAMPLES = [
     Sample(aten.linear.default, (act(x, 0.5), param(w, 0.5), param(b)), exact=True, monte_carlo=True,
@@ -28,6 +35,18 @@ SAMPLES = [
     Sample(aten.bmm.default, (act(tokens, 0.5), act(y, 0.5)), structures=("diag",), exact=True, monte_carlo=True),
     Sample(aten.bmm.default, (act(tokens), y), exact=True, name="deterministic-second"),
     Sample(aten.matmul.default, (tokens, act(y)), exact=True, name="deterministic-first"),
+    Sample(aten.addmm.default, (act(randn(3, 5, seed=11)), act(x), w.t()), {"beta": 0.5, "alpha": 2.0}, exact=True,
+           name="activation-added"),
+    Sample(aten.baddbmm.default, (act(scores, 0.5), act(tokens, 0.5), act(y, 0.5)), {"beta": 0.5, "alpha": 2.0},
+           structures=("diag",), exact=True, monte_carlo=True),
+    Sample(aten.baddbmm.default, (alibi, act(tokens), act(y)), {"alpha": 0.3}, structures=("diag",), exact=True,
+           name="deterministic-bias"),
+    Sample(aten.baddbmm.default, (param(alibi), act(tokens), y), {"beta": 2.0}, exact=True, name="parameter-bias"),
+    Sample(aten.baddbmm.default, (act(scores), tokens, act(y)), {"beta": 0.5, "alpha": 2.0}, exact=True,
+           name="one-factor"),
+    Sample(aten.addbmm.default, (act(products[0], 0.5), act(left, 0.5), act(right, 0.5)),
+           {"beta": 0.5, "alpha": 2.0}, exact=True, monte_carlo=True),
+    Sample(aten.addbmm.default, (param(products[0, 0]), left, act(right)), exact=True, name="parameter-bias"),
 ]
 
 
@@ -36,9 +55,38 @@ def test_rule(sample: Sample, structure: str) -> None:
     check_sample(sample, structure)
 
 
-def test_full_covariance_of_two_activations_is_rejected() -> None:
-    with pytest.raises(ValueError, match="not supported"):
-        check_sample(Sample(aten.bmm.default, (act(tokens), act(y))), "full")
+@pytest.mark.parametrize("sample", [Sample(aten.bmm.default, (act(tokens), act(y))),
+                                    Sample(aten.baddbmm.default, (scores, act(tokens), act(y)))], ids=lambda s: s.id)
+def test_full_covariance_of_two_activations_is_declined(sample: Sample) -> None:
+    assert "activation_cov='diag'" in capability_problem(sample, "full")
+    assert capability_problem(sample, "diag") is None
+
+
+def _problem(op, args, kinds, structure="diag"):
+    """The capability check on a call whose arguments carry the given kinds (parameter kinds included)."""
+    return RULES[op].supports(RuleCall(op, args, {}, kinds, {}, kinds, {}, None, structure))
+
+
+@pytest.mark.parametrize("op, args, kinds, expected", [
+    (aten.linear.default, (x, w), ("diag", "param_dense_affine"), "jointly"),
+    (aten.linear.default, (x, w, b), ("diag", None, "param_affine_bias"), "jointly"),
+    (aten.linear.default, (x, w, b), ("diag", "param_kfac", "param_kfac"), "bias"),
+    (aten.addmm.default, (b, x, w.t()), ("param_affine_bias", "diag", "param_lowrank_affine"), "linear and conv"),
+    (aten.matmul.default, (tokens, y), ("diag", "param_kfac"), "2-D weight"),
+    (aten.linear.default, (x, w), ("diag", "param_affine_bias"), "cannot be the weight"),
+])
+def test_posterior_kinds_a_layer_cannot_combine_are_declined(op, args, kinds, expected: str) -> None:
+    assert expected in _problem(op, args, kinds)
+
+
+@pytest.mark.parametrize("op, args, kinds", [
+    (aten.linear.default, (x, w, b), ("diag", "param_dense_affine", "param_affine_bias")),
+    (aten.linear.default, (x, w, b), ("diag", "param_kfac_eig", "param_lowrank")),
+    (aten.addmm.default, (b, x, w.t()), ("param_dense", "diag", "param_kfac")),
+    (aten.matmul.default, (tokens, y), ("diag", "param_diag")),
+])
+def test_posterior_kinds_a_layer_handles_are_accepted(op, args, kinds) -> None:
+    assert _problem(op, args, kinds) is None
 
 
 def test_bfloat16_variance_matmul_stays_within_a_percent_of_exact() -> None:

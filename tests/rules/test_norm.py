@@ -1,20 +1,37 @@
-"""Eval-mode batch norm: an affine map per channel, exact moments with an uncertain scale."""
+"""Eval-mode batch norm (an affine map per channel, exact moments with an uncertain scale) and group norm."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from harness import Sample, act, cases, check_sample, param, rand, randn
+from harness import Sample, act, capability_problem, cases, check_sample, param, rand, randn
 
 aten = torch.ops.aten
 maps, features = randn(2, 3, 3, 3, seed=1), randn(4, 3, seed=2)
 gamma, beta = randn(3, seed=3), randn(3, seed=4)
 running_mean, running_var = randn(3, seed=5), rand(3, seed=6)
+groups_in, group_gamma, group_beta = randn(2, 4, 2, 3, seed=7), randn(4, seed=8), randn(4, seed=9)
+LINEARISED = {"norm": "linearised", "products": "linearised"}  # first order: the op itself is the oracle
 
 
 def batch_norm(x, weight, bias, training=False):
     return (x, weight, bias, running_mean, running_var, training, 0.1, 1e-5, True)
+
+
+def statistics_of(mean: torch.Tensor):
+    """group_norm with its statistics from ``mean``, held constant: the function the paper's rule linearises
+    (bilinear in the input and gamma, so the exact-moment and Monte Carlo oracles apply too)."""
+
+    def group_norm(h, groups, weight=None, bias=None, eps=1e-5, *args):
+        fixed = mean.reshape(mean.shape[0], groups, -1)
+        mu, std = fixed.mean(-1, keepdim=True), (fixed.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+        out = ((h.reshape(fixed.shape) - mu) / std).reshape(h.shape)
+        channel = (-1,) + (1,) * (h.dim() - 2)
+        out = out if weight is None else out * weight.reshape(channel)
+        return out if bias is None else out + bias.reshape(channel)
+
+    return group_norm
 
 
 SAMPLES = [
@@ -30,6 +47,21 @@ SAMPLES = [
            monte_carlo=True, name="functional"),
     Sample(aten._native_batch_norm_legit_no_training.default,
            (act(features), None, None, running_mean, running_var, 0.1, 1e-5), name="functional-no-affine"),
+    Sample(aten.group_norm.default, (act(groups_in, 0.5), 2, param(group_gamma, 0.5), param(group_beta), 1e-3),
+           reference=statistics_of(groups_in), exact=True, monte_carlo=True, name="grouped"),
+    Sample(aten.group_norm.default, (act(groups_in), 1, group_gamma, group_beta), reference=statistics_of(groups_in),
+           name="one-group"),
+    Sample(aten.group_norm.default, (act(groups_in), 4), reference=statistics_of(groups_in), name="no-affine"),
+    Sample(aten.group_norm.default, (act(features[:, :, None]), 3, param(gamma)),
+           reference=statistics_of(features[:, :, None]), exact=True, name="no-spatial"),
+    Sample(aten.group_norm.default, (groups_in, 2, param(group_gamma), param(group_beta)),
+           reference=statistics_of(groups_in), exact=True, name="params-only"),
+]
+# norm="linearised": through the statistics too, the op itself the reference.
+LINEARISED_SAMPLES = [
+    Sample(aten.group_norm.default, (act(groups_in), 2, group_gamma, group_beta, 1e-3), name="grouped"),
+    Sample(aten.group_norm.default, (act(groups_in), 1, param(group_gamma), param(group_beta)), name="one-group"),
+    Sample(aten.group_norm.default, (act(groups_in), 4), name="no-affine"),
 ]
 
 
@@ -38,6 +70,12 @@ def test_rule(sample: Sample, structure: str) -> None:
     check_sample(sample, structure)
 
 
-def test_training_mode_is_rejected() -> None:
-    with pytest.raises(ValueError, match="model.eval"):
-        check_sample(Sample(aten.batch_norm.default, batch_norm(act(maps), gamma, beta, training=True)), "diag")
+@pytest.mark.parametrize("sample, structure", cases(LINEARISED_SAMPLES))
+def test_linearised_rule(sample: Sample, structure: str) -> None:
+    check_sample(sample, structure, options=LINEARISED)
+
+
+def test_training_mode_is_declined() -> None:
+    problem = capability_problem(Sample(aten.batch_norm.default, batch_norm(act(maps), gamma, beta, training=True)))
+    assert "model.eval" in problem
+    assert capability_problem(Sample(aten.batch_norm.default, batch_norm(act(maps), gamma, beta))) is None

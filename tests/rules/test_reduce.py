@@ -1,4 +1,4 @@
-"""Sums and means over dimensions: variances add (sum) or add and divide by n^2 (mean)."""
+"""Sums and means over dimensions: variances add (sum) or add and divide by n^2 (mean); norms linearised."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ SAMPLES = [
     Sample(aten.mean.dim, (act(x), [2])),
     Sample(aten.mean.dim, (act(x), [-1, 1], True), name="keepdim"),
     Sample(aten.sum.dim_IntList, (param(x), [0]), structures=("diag",), name="parameter"),
+    Sample(aten.linalg_vector_norm.default, (act(x), 2, [-1], True), name="normalize"),
+    Sample(aten.linalg_vector_norm.default, (act(x), 1, [1, 2]), name="l1"),
+    Sample(aten.linalg_vector_norm.default, (act(x), 3.0, [2]), name="p3"),
+    Sample(aten.linalg_vector_norm.default, (act(x),), structures=("diag",), name="all"),
+    Sample(aten.linalg_vector_norm.default, (param(x), 2, [0]), structures=("diag",), name="parameter"),
 ]
 
 
