@@ -32,7 +32,7 @@ from torch._ops import OpOverload
 from torch.func import jacrev, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from fxstream.rules import RULES
+from fxstream.rules import rule_for
 from fxstream.rules.registry import DEFAULT_RULE_OPTIONS, RuleCall
 
 DTYPE = torch.float64
@@ -144,7 +144,7 @@ class Prepared:
 
     def rule_call(self, structure: str, options: dict | None = None) -> Any:
         """Run the registered rule through its graph target, as the rewritten graph does."""
-        rule = RULES[self.sample.op]
+        rule = rule_for(self.sample.op)
         by_path = {leaf.path: leaf for leaf in self.leaves}
         flat_cov, flat_kind = [], []
         for i, value in enumerate(self.leaves_all):
@@ -169,7 +169,7 @@ class Prepared:
 
     def problem(self, structure: str, options: dict | None = None) -> str | None:
         """The rule's capability check on this call, as the pair pass runs it (covs hold the kinds)."""
-        rule = RULES[self.sample.op]
+        rule = rule_for(self.sample.op)
         if rule.supports is None:
             return None
         by_path = {leaf.path: leaf for leaf in self.leaves}
@@ -294,7 +294,7 @@ def check_sample(sample: Sample, structure: str, mc_samples: int = 20_000, optio
     problem = prepared.problem(structure, options)
     assert problem is None, f"{sample.id} [{structure}]: the rule declines this call: {problem}"
     if structure == "param_diag":
-        assert RULES[sample.op].param_passthrough, f"{sample.id}: the rule is not registered as a passthrough"
+        assert rule_for(sample.op).param_passthrough, f"{sample.id}: the rule is not registered as a passthrough"
         assert all(leaf.unc.role == "param" for leaf in prepared.leaves), f"{sample.id}: not parameters only"
     outs = prepared.outputs(prepared.out)
     actual = prepared.outputs(prepared.rule_call(structure, options))
@@ -332,7 +332,7 @@ def structures_to_check(sample: Sample) -> list[str]:
 
     A sample that would check nothing is an error, so it cannot count as a rule's test.
     """
-    rule = RULES[sample.op]
+    rule = rule_for(sample.op)
     wanted = [s for s in sample.structures if s in rule.structures or s == "param_diag"]
     if not wanted:
         raise ValueError(f"{sample.id}: the rule supports {rule.structures}, the sample asks for {sample.structures}")

@@ -86,18 +86,38 @@ def test_in_place_ops_arrive_functional_and_match_the_linearisation() -> None:
     torch.testing.assert_close(cov, _linearised_output_cov(model.out_of_place, x, input_cov), rtol=1e-10, atol=1e-14)
 
 
+class Einsum(nn.Module):
+    """einsum has no rule: PyTorch's decomposition is permutes, views and a bmm, paired piece by piece."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 6)
+        self.weight = nn.Parameter(torch.randn(6, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bi,ij->bj", torch.tanh(self.first(x)), self.weight)
+
+
 def test_an_op_without_a_rule_is_decomposed_into_ruled_ops() -> None:
-    """selu has no rule: PyTorch's decomposition (elu-like pieces) is paired piece by piece, exactly."""
-    assert torch.ops.aten.selu.default not in RULES
-    model = _model(Activation, F.selu)
+    assert torch.ops.aten.einsum.default not in RULES
+    model = _model(Einsum)
     x, input_cov = torch.randn(2, 4, dtype=DTYPE), 0.05 * torch.eye(4, dtype=DTYPE)
     streamlined, pred, cov = _streamlined_cov(model, x, input_cov)
     torch.testing.assert_close(cov, _linearised_output_cov(model, x, input_cov), rtol=1e-10, atol=1e-14)
     graph = streamlined.graphs[0].paired.graph_module.graph
-    decomposed = [n for n in graph.nodes if n.meta.get(DECOMPOSED_FROM) == "aten.selu.default"]
-    assert decomposed, "no node records that it came from selu's decomposition"
+    decomposed = [n for n in graph.nodes if n.meta.get(DECOMPOSED_FROM) == "aten.einsum.default"]
+    assert decomposed, "no node records that it came from einsum's decomposition"
     shown = rows(streamlined.graphs[0].paired, {})
-    assert any("decomposed aten.selu.default" in row[1] for row in shown), "inspect does not show the decomposition"
+    assert any("decomposed aten.einsum.default" in row[1] for row in shown), "inspect does not show the decomposition"
+
+
+def test_a_pointwise_op_without_a_rule_is_linearised_whole() -> None:
+    """celu has no rule; its decomposition would fork x and rejoin it (where), the pointwise fallback does not."""
+    assert torch.ops.aten.celu.default not in RULES
+    model = _model(Activation, lambda h: F.celu(h, 0.7))
+    x, input_cov = torch.randn(2, 4, dtype=DTYPE), 0.05 * torch.eye(4, dtype=DTYPE)
+    _, _, cov = _streamlined_cov(model, x, input_cov)
+    torch.testing.assert_close(cov, _linearised_output_cov(model, x, input_cov), rtol=1e-10, atol=1e-14)
 
 
 def test_value_independent_ops_carry_no_covariance() -> None:

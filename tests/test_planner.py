@@ -37,14 +37,9 @@ def mlp_planner() -> Planner:
 
 def _paired(model: torch.nn.Module, args: tuple, dims: dict, structure: str = "diag"):
     """(symbolic capture, pruned paired graph) of ``model`` with every parameter Bayesian."""
-    from fxstream.backend import _sources
-    from fxstream.passes import pair, prune
-
     sym = capture_symbolic(model, args, dims)
     options = fxstream.StreamlineOptions(posterior=_posterior(model), activation_cov=structure, model=model)
-    paired = pair(sym.captured, _sources(sym.captured, options), structure)
-    prune(paired)
-    return sym, paired
+    return sym, fxstream.pipeline.rewrite(sym.captured, options).paired
 
 
 def _choice(plan) -> frozenset:

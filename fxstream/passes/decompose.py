@@ -5,7 +5,8 @@ Rules are written where a decomposition would be slow or lose exactness
 reaches is looked up in PyTorch's decomposition tables (the core ATen set
 Inductor uses, then the wider post-autograd table, then the op's own
 CompositeImplicitAutograd kernel), traced at the node's example values and
-inlined in its place. The pieces are decomposed again where they lack rules,
+inlined in its place (the prims ops of PyTorch's reference decompositions as
+the ATen ops they equal, which have rules). The pieces are decomposed again where they lack rules,
 so only an op with no rule and no decomposition into ruled ops reaches the
 pair pass without a rule. Inlined nodes keep the original node's module stack
 and record the op they came from (``node.meta["fxstream_decomposed_from"]``).
@@ -23,8 +24,10 @@ from torch._decomp import core_aten_decompositions, decomposition_table
 from torch._ops import OpOverload
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..rules import RULES, VALUE_INDEPENDENT
+from ..rules import RULES, VALUE_INDEPENDENT, rule_for
 from .capture import CapturedGraph
+
+aten = torch.ops.aten
 
 DECOMPOSED_FROM = "fxstream_decomposed_from"
 #: Rounds of decomposing the pieces of a decomposition before giving up on an op.
@@ -90,7 +93,7 @@ def _floating(value) -> bool:
 
 
 def _wants_decomposition(node: torch.fx.Node) -> bool:
-    return (node.op == "call_function" and isinstance(node.target, OpOverload) and node.target not in RULES
+    return (node.op == "call_function" and isinstance(node.target, OpOverload) and rule_for(node.target) is None
             and node.target not in VALUE_INDEPENDENT and _floating(node.meta.get("val"))
             and decomposition(node.target) is not None)
 
@@ -138,6 +141,7 @@ def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
                 env[sub_node] = graph.get_attr(name)
             else:
                 env[sub_node] = graph.node_copy(sub_node, lambda n: env[n])
+                _as_aten_twin(env[sub_node])
             new_nodes.append(env[sub_node])
     result = pytree.tree_map_only(torch.fx.Node, lambda n: env[n], next(iter(sub.graph.find_nodes(op="output"))).args[0])
     for new in new_nodes:
@@ -151,6 +155,31 @@ def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
             graph.erase_node(user)
     graph.erase_node(node)
     return True
+
+
+def _as_aten_twin(node: torch.fx.Node) -> None:
+    """Point a prims op that PyTorch's reference decompositions emit at the ruled ATen op it equals.
+
+    ``prims.where`` is ``aten.where.self``, ``prims.minimum`` is ``aten.minimum``, and so on for
+    ops of the same name and arguments; ``prims.convert_element_type(x, dtype)`` is
+    ``aten._to_copy(x, dtype=dtype)``.
+    """
+    op = node.target
+    if not isinstance(op, OpOverload) or op.namespace != "prims":
+        return
+    if op is torch.ops.prims.convert_element_type.default:
+        node.target, node.args, node.kwargs = aten._to_copy.default, node.args[:1], {"dtype": node.args[1]}
+        return
+    packet = getattr(aten, op.overloadpacket.__name__, None)
+    for overload in ("default", "self", "Tensor"):
+        twin = getattr(packet, overload, None) if packet is not None else None
+        if twin in RULES and _positional(twin) >= len(node.args):
+            node.target = twin
+            return
+
+
+def _positional(op: OpOverload) -> int:
+    return sum(1 for argument in op._schema.arguments if not argument.kwarg_only)
 
 
 def _constant_name(gm: torch.nn.Module, base: str) -> str:

@@ -19,7 +19,7 @@ import torch.fx
 from torch.fx.node import map_aggregate
 
 from ..errors import CaptureError, FxstreamError
-from ..rules import DEFAULT_RULE_OPTIONS, RULES, VALUE_INDEPENDENT, mean_only_nodes
+from ..rules import DEFAULT_RULE_OPTIONS, VALUE_INDEPENDENT, mean_only_nodes, rule_for
 from ..rules.linearise import diag_to_full, full_to_diag
 from ..rules.region import elementwise_joins, region_covariance
 from ..rules.residual import residual_covariance, residual_joins
@@ -220,7 +220,7 @@ class Pairing:
 
     def rule(self, node: torch.fx.Node, uncertain: list[torch.fx.Node], out_structure: str) -> torch.fx.Node:
         """The op's rule, called on the means and the covariances it reads; a marker where it has none."""
-        rule = RULES.get(node.target)
+        rule = rule_for(node.target)
         unread = rule.unread(self.options) if rule is not None else ()
         covs = tuple(None if i in unread else map_aggregate(a, self.looked_up(self.cov))
                      for i, a in enumerate(node.args))

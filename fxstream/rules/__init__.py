@@ -2,7 +2,8 @@
 
 from . import activation, arithmetic, attention, conv, embedding, linear, norm, pool, reduce, shape, softmax  # noqa: F401
 from .creation import VALUE_INDEPENDENT
+from .pointwise import is_pointwise, rule_for
 from .patterns import mean_only_nodes
 from .registry import DEFAULT_RULE_OPTIONS, RULE_OPTIONS, RULES, Rule, RuleCall, register
 
-__all__ = ["DEFAULT_RULE_OPTIONS", "RULES", "VALUE_INDEPENDENT", "RULE_OPTIONS", "Rule", "RuleCall", "mean_only_nodes", "register"]
+__all__ = ["DEFAULT_RULE_OPTIONS", "RULES", "VALUE_INDEPENDENT", "is_pointwise", "rule_for", "RULE_OPTIONS", "Rule", "RuleCall", "mean_only_nodes", "register"]

@@ -40,6 +40,7 @@ ELEMENTWISE = (
     aten.cos.default,
     aten.log1p.default,
     aten.expm1.default,
+    aten.log_sigmoid.default,  # F.logsigmoid
 )
 
 

@@ -119,3 +119,14 @@ def div(call: RuleCall) -> torch.Tensor:
     if vz is not None:
         total = total + vz * x.square() / z2.square()
     return torch.broadcast_to(total, call.out.shape)
+
+
+@register(aten.minimum.default, aten.maximum.default, aten.fmin.default, aten.fmax.default)
+def extremum(call: RuleCall) -> torch.Tensor:
+    """min(x, z) / max(x, z) linearised at the means: the operand the means select carries its variance."""
+    if call.structure == "full":
+        return linearised_full(call)
+    x, z = call.arg(0), call.arg(1)
+    pick_x = x <= z if call.op in (aten.minimum.default, aten.fmin.default) else x >= z
+    vx, vz = _var(call, 0), _var(call, 1)
+    return torch.broadcast_to(torch.where(pick_x, vx, vz), call.out.shape)

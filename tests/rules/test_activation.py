@@ -32,6 +32,7 @@ SAMPLES = [
     Sample(aten.square.default, (act(x),)),
     Sample(aten.pow.Tensor_Scalar, (act(x), 3)),
     Sample(aten.abs.default, (act(x),)),
+    Sample(aten.log_sigmoid.default, (act(x),)),
     Sample(aten.hardswish.default, (act(4 * x),)),
     Sample(aten.hardsigmoid.default, (act(4 * x),)),
     Sample(aten.mish.default, (act(x),)),

@@ -14,6 +14,11 @@ column = randn(3, 1, seed=5)  # one value per sample, broadcast over features (a
 away_from_zero = rand(3, 4, low=1.0, high=2.0, seed=4)
 
 SAMPLES = [
+    Sample(aten.minimum.default, (act(x), act(y))),
+    Sample(aten.minimum.default, (act(x), torch.zeros((), dtype=x.dtype)), name="against-zero"),
+    Sample(aten.maximum.default, (act(x), act(column))),
+    Sample(aten.fmin.default, (x, act(y))),
+    Sample(aten.fmax.default, (act(x), y)),
     Sample(aten.add.Tensor, (act(x), act(y)), name="residual"),
     Sample(aten.add.Tensor, (act(x), param(row)), {"alpha": 2.0}, name="bias-alpha"),
     Sample(aten.add.Tensor, (act(x), y), name="deterministic"),
