@@ -45,7 +45,6 @@ import torch
 from torch import nn
 
 import fxstream
-from fxstream._compat import make_torchvision_importable
 from fxstream.metrics import accuracy, ece, nlpd
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -231,7 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
-    make_torchvision_importable()
     try:
         from laplace import Laplace
         from laplace.curvature import BackPackGGN

@@ -1,5 +1,9 @@
 """fxstream: sampling-free predictive for Bayesian neural networks as a torch.compile pass."""
 
+from ._compat import make_torchvision_importable
+
+make_torchvision_importable()  # before anything (transformers, laplace-torch) imports torchvision
+
 from .api import StreamlinedModel, streamline
 from .backend import StreamlineOptions, predictive, streamline_backend
 from .errors import (

@@ -28,8 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._compat import make_torchvision_importable
-
 HIDDEN = 128
 CLASSES = 10
 
@@ -145,7 +143,6 @@ class Row:
 
 def evaluate(seed: int, epochs: int, backend: str, repeats: int) -> list[Row]:
     """Train, fit the posterior, predict the test split with every method; one Row per method."""
-    make_torchvision_importable()
     from laplace import Laplace
     from tqdm.auto import tqdm
 

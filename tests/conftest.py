@@ -5,11 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxstream._compat import make_torchvision_importable
-
-# torchvision and timm (the zoo's optional extras) import on the CPU torch only with help; laplace-torch
-# imports torchvision through torchmetrics, so this comes before any test module imports either.
-make_torchvision_importable()
+import fxstream  # noqa: F401  (before any test imports transformers, timm or laplace-torch: see fxstream._compat)
 
 
 @pytest.fixture(autouse=True)
