@@ -49,9 +49,17 @@ def _not_training(call: RuleCall) -> str | None:
 
 
 @register(aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
-          aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.detach.default, param_passthrough=True,
+          aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.detach.default,
+          param_passthrough=True,
           supports=_not_training)
 def identity(call: RuleCall) -> torch.Tensor:
     """Ops that return their input's values (dropout in eval mode, copies, dtype casts)."""
     cov = call.cov(0)
-    return cov.to(call.out.dtype) if isinstance(cov, torch.Tensor) else cov
+    if not isinstance(cov, torch.Tensor):
+        return cov
+    cov = cov.to(dtype=call.out.dtype, device=call.out.device)
+    # A copy (clone, contiguous, _to_copy) is contiguous, and functionalization follows it by _unsafe_view, which
+    # needs that: a diagonal covariance (the mean's shape) is made contiguous alike.
+    if call.op is not aten.detach.default and cov.shape == call.out.shape and call.out.is_contiguous():
+        cov = cov.contiguous()
+    return cov

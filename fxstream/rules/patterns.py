@@ -25,6 +25,7 @@ MATMUL = (aten.matmul.default, aten.bmm.default)
 TRANSPARENT = (
     aten.dropout.default,
     aten.to.dtype,
+    aten._to_copy.default,  # what a cast becomes under functionalization (passes/capture.py)
     aten.contiguous.default,
     aten.clone.default,
     aten.alias.default,
