@@ -113,3 +113,72 @@ def test_inspect_shows_the_graph_of_the_rule_options(tmp_path: Path) -> None:
     joined = fxstream("inspect", "residual_model:make", "--residual", "linearised", path=tmp_path)
     assert plain.returncode == 0 and joined.returncode == 0, joined.stderr
     assert "residual_join" not in plain.stdout and "residual_join" in joined.stdout
+
+
+@pytest.fixture(scope="module")
+def token_target(tmp_path_factory) -> Path:
+    """A token model (ids -> embedding (11 x 6) -> tanh -> linear 6 -> 5): dim 1 of its input is "seq"."""
+    folder = tmp_path_factory.mktemp("tokens")
+    (folder / "token_model.py").write_text(textwrap.dedent("""
+        import torch
+
+        class Tokens(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = torch.nn.Embedding(11, 6)
+                self.head = torch.nn.Linear(6, 5)
+
+            def forward(self, ids):
+                return self.head(torch.tanh(self.emb(ids)))
+
+        def make():
+            torch.manual_seed(0)
+            return Tokens(), torch.randint(0, 11, (2, 4))
+    """))
+    return folder
+
+
+def plan_json(*args: str, path: Path) -> dict:
+    done = fxstream("plan", "token_model:make", "--budget", "1MiB", "--format", "json", "--activation-cov", "diag",
+                    *args, path=path)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_plan_for_a_sequence_length(token_target: Path) -> None:
+    """--seq 7 --batch 3: every size is costed at 3 x 7 tokens. Closed forms (float32, diagonal activations): the
+    embedding's output variances 3*7*6 floats, the head's 3*7*5; the head's variance GEMMs
+    s @ (W^2 + V)^T and x^2 @ V^T, 2 * (2 * 21 * 6 * 5) FLOPs; posteriors 11*6 and 5*6 + 5 floats."""
+    plan = plan_json("--batch", "3", "--seq", "7", path=token_target)
+    assert plan["sizes"] == {"batch": 3, "seq": 7}
+    layers = {row["layer"]: row for row in plan["layers"]}
+    assert layers["emb"]["cov_bytes"] == 3 * 7 * 6 * 4 and layers["head"]["cov_bytes"] == 3 * 7 * 5 * 4
+    assert layers["head"]["flops"] == 2 * (2 * 3 * 7 * 6 * 5)
+    assert layers["emb"]["posterior_bytes"] == 11 * 6 * 4 and layers["head"]["posterior_bytes"] == (5 * 6 + 5) * 4
+    assert plan["deterministic_flops"] == 2 * 3 * 7 * 6 * 5
+
+
+def test_seq_on_a_model_without_a_sequence_is_an_error(tiny_target: Path) -> None:
+    done = fxstream("plan", "tiny_model:make", "--budget", "1MiB", "--seq", "8", path=tiny_target)
+    assert done.returncode == 1 and "has no sequence dimension; drop --seq" in done.stderr
+
+
+def test_plan_reads_the_posterior_file(token_target: Path, tmp_path: Path) -> None:
+    """--posterior FILE with the head alone: the embedding is deterministic, so only the head is planned and its
+    input carries no variance: one variance GEMM, x^2 @ V^T (2 * 21 * 6 * 5 FLOPs), not two."""
+    import torch
+
+    path = tmp_path / "head.pt"
+    torch.save({"head.weight": torch.full((5, 6), 1e-2), "head.bias": torch.full((5,), 1e-2)}, path)
+    plan = plan_json("--batch", "3", "--seq", "7", "--posterior", str(path), path=token_target)
+    assert [row["layer"] for row in plan["layers"]] == ["head"]
+    head = plan["layers"][0]
+    assert head["parameters"] == ["head.weight", "head.bias"] and head["posterior_bytes"] == (5 * 6 + 5) * 4
+    assert head["flops"] == 2 * 3 * 7 * 6 * 5 and head["cov_bytes"] == 3 * 7 * 5 * 4
+
+    torch.save({"head.weights": torch.ones(5, 6)}, path)
+    done = fxstream("plan", "token_model:make", "--budget", "1MiB", "--posterior", str(path), path=token_target)
+    assert done.returncode == 1 and "head.weights" in done.stderr and "Traceback" not in done.stderr
+    path.write_text("not a tensor file")
+    done = fxstream("plan", "token_model:make", "--budget", "1MiB", "--posterior", str(path), path=token_target)
+    assert done.returncode == 1 and "cannot read the posterior file" in done.stderr

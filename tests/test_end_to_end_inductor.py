@@ -143,3 +143,66 @@ def test_torch_compile_dynamic_shapes_compile_per_shape() -> None:
         with torch.no_grad():
             out = compiled(x)
         assert_same(fxstream.predictive(out), reference(x))
+
+
+# --- transformers through Inductor: every rule option against the eager backend -------------------------------
+# Three configurations, one cold compile each (a tiny transformer's is the costliest compile of the suite), that
+# together cover SDPA, layer_norm, the embedding, the RMSNorm pattern (statistics held), every linearised option,
+# residual joins, pruning and narrowing, variance_matmul="bfloat16", input_var and input_cov.
+
+def _transformer_config(name: str):
+    """(model, posterior, args, kwargs, options, bound on the relative variance difference)."""
+    transformers_tests = pytest.importorskip("test_transformers")
+    from fxstream.select import last_blocks, select
+
+    tiny, weight_variances = transformers_tests.tiny, transformers_tests.weight_variances
+    if name == "gpt2-paper-bfloat16":
+        # Only the last of two blocks Bayesian: block 0's covariance is pruned, and the paper's attention rule
+        # narrows c_attn to V's features. bfloat16 variance GEMMs: eager rounds each product to bfloat16, which
+        # Inductor may skip, so the two differ by at most 2^-8 per variance GEMM on the longest path (4 in the
+        # block and the tied head), compounded: (1 + 2^-8)^5 - 1.
+        model, x = tiny("gpt2")
+        posterior = select(model, include=last_blocks(model, 1), exclude=["*ln_*"], variance=1e-4)
+        return model, posterior, (x,), {}, {"variance_matmul": "bfloat16"}, (1 + 2**-8) ** 5 - 1
+    if name == "gpt2-linearised-input-var":
+        # Every linearised option (attention, layer norm, residual joins, products), the embedding table
+        # Bayesian, and input variance on inputs_embeds: float64 throughout, so only summation order differs.
+        model, ids = tiny("gpt2", layers=1)
+        variances = weight_variances(model, 1e-3, with_query_key=True)
+        variances["transformer.wte.weight"] = 1e-4 * torch.ones_like(model.transformer.wte.weight)
+        options = {"attention": "linearised", "norm": "linearised", "residual": "linearised",
+                   "products": "linearised", "input_var": 1e-3}
+        embeds = model.transformer.wte(ids).detach()
+        return model, fxstream.Diagonal(variances), (), {"inputs_embeds": embeds}, options, 1e-9
+    # Llama under the paper's rules (RMSNorm statistics held by rules/patterns.py, SwiGLU's product, RoPE) with
+    # full activation covariance and a full input covariance over inputs_embeds. LlamaRMSNorm computes in
+    # float32 whatever the model's dtype, so the two backends agree to float32 rounding.
+    model, ids = tiny("llama", layers=1)
+    embeds = model.model.embed_tokens(ids).detach()
+    n = embeds[0].numel()
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(4), dtype=torch.float64) / n
+    input_cov = 1e-3 * (a @ a.T + torch.eye(n, dtype=torch.float64))
+    posterior = fxstream.Diagonal(weight_variances(model, 1e-3, with_query_key=True))
+    return model, posterior, (), {"inputs_embeds": embeds}, {"activation_cov": "full", "input_cov": input_cov}, 1e-5
+
+
+@pytest.mark.parametrize("name", ["gpt2-paper-bfloat16", "gpt2-linearised-input-var", "llama-full-input-cov"])
+def test_transformer_inductor_matches_eager(name: str) -> None:
+    pytest.importorskip("transformers")
+    model, posterior, args, kwargs, options, bound = _transformer_config(name)
+    runs = {}
+    for backend in ("eager", "inductor"):
+        streamlined = fxstream.streamline(model, posterior, backend=backend, **options)
+        runs[backend] = streamlined(*args, **kwargs), streamlined.graphs[0].report
+    (eager, eager_report), (inductor, inductor_report) = runs["eager"], runs["inductor"]
+    assert inductor_report == eager_report
+    if name == "gpt2-paper-bfloat16":
+        assert eager_report.pruned > 0 and eager_report.narrowed >= 1
+    with torch.no_grad():
+        expected_mean = model(*args, **kwargs).logits
+    torch.testing.assert_close(inductor.mean, expected_mean, rtol=bound, atol=bound * expected_mean.abs().max())
+    relative = ((inductor.var - eager.var).abs() / eager.var).max().item()
+    assert relative <= bound, f"{name}: Inductor's variances are {relative:.2e} from eager's (bound {bound:.1e})"
+    if eager.cov is not None:
+        scale = eager.cov.abs().max()
+        assert ((inductor.cov - eager.cov).abs().max() / scale).item() <= bound

@@ -127,12 +127,14 @@ def test_kept_library_workspace_is_not_working_memory() -> None:
     inputs = sym.graph_inputs({"batch": 64}, lambda p, s: torch.randn(s))
     paired.graph_module(*inputs)  # this shape's workspace, once
     measured = profiler_peak(paired.graph_module, *inputs)
-    assert abs(report.peak_at({"batch": 64}) - measured) <= 0.15 * measured, (report.peak_at({"batch": 64}), measured)
+    assert abs(report.peak_at({"batch": 64}) - measured) <= 0.01 * measured, (report.peak_at({"batch": 64}), measured)
 
 
 @pytest.mark.parametrize("make, shape", [(_mlp, (4, 12)), (_cnn, (4, 1, 8, 8))])
 @pytest.mark.parametrize("structure", ["diag", "full"])
-def test_predicted_peak_within_15_percent_of_allocator_peak(make, shape, structure: str) -> None:
+def test_predicted_peak_within_1_percent_of_allocator_peak(make, shape, structure: str) -> None:
+    """On CPU the allocator hands out exactly the bytes asked for, so the fitted formula is exact off its grid too:
+    1% (the 15% of the rounded-allocator replay below is for the CUDA caching allocator's 512-byte blocks)."""
     model = make()
     torch.manual_seed(0)
     sym, paired = _paired(model, (torch.randn(*shape),), {(0, 0): "batch"}, structure)
@@ -141,7 +143,7 @@ def test_predicted_peak_within_15_percent_of_allocator_peak(make, shape, structu
         inputs = sym.graph_inputs({"batch": batch}, lambda p, s: torch.randn(s))
         measured = profiler_peak(paired.graph_module, *inputs)
         predicted = report.peak_at({"batch": batch})
-        assert abs(predicted - measured) <= 0.15 * measured, (batch, predicted, measured)
+        assert abs(predicted - measured) <= 0.01 * measured, (batch, predicted, measured)
         assert predicted == int(report.peak_bytes.subs(report.symbols["batch"], batch))
 
 

@@ -130,6 +130,58 @@ def test_bayesian_layer_before_linear_readout_equals_glm(kind, net, structure):
         torch.testing.assert_close(pred.cov, expected, rtol=1e-9, atol=1e-12)
 
 
+def conv_net(dims: int, readout: bool) -> nn.Module:
+    """A Conv1d or Conv3d layer (stride 2, padding 1, so patches overlap and are padded), then a linear readout."""
+    torch.manual_seed(5)
+    conv = {1: nn.Conv1d(2, 3, 3, stride=2, padding=1), 3: nn.Conv3d(2, 3, 2, stride=2, padding=1)}[dims]
+    layers = [nn.Tanh(), conv] + ([nn.Flatten(), nn.Linear({1: 9, 3: 81}[dims], 2)] if readout else [])
+    return nn.Sequential(*layers).double().eval()
+
+
+@pytest.mark.parametrize("kind", STRUCTURES)
+@pytest.mark.parametrize("dims", [1, 3], ids=["conv1d", "conv3d"])
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_structured_conv1d_and_conv3d_equal_glm(kind, dims, structure):
+    """A structured posterior on a Conv1d / Conv3d weight (the im2col view): J Sigma J^T exactly. As above, with
+    diagonal activations the network ends at the conv, since a readout would mix its correlated positions."""
+    model = conv_net(dims, readout=structure == "full")
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    posterior, sigma = layer_posterior(kind, "1.weight", "1.bias", shapes, torch.Generator().manual_seed(6), 0.05)
+    x = torch.randn(3, 2, *(5,) * dims, dtype=torch.float64)
+    pred = run(model, posterior, x, structure)
+    j = jacobian(model, ["1.weight", "1.bias"], x)
+    expected = j @ sigma @ j.transpose(1, 2)
+    torch.testing.assert_close(pred.var.reshape(3, -1), expected.diagonal(dim1=1, dim2=2), rtol=1e-9, atol=1e-12)
+    if structure == "full":
+        torch.testing.assert_close(pred.cov, expected, rtol=1e-9, atol=1e-12)
+
+
+class _MixedTokens(nn.Module):
+    """A structured Bayesian linear layer on tokens, then a fixed per-sample token mixing by bmm (as P @ V)."""
+
+    def __init__(self, mixing: torch.Tensor):
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+        self.register_buffer("mixing", mixing)
+
+    def forward(self, x):
+        return torch.bmm(self.mixing, torch.tanh(self.layer(x)))
+
+
+@pytest.mark.parametrize("kind", STRUCTURES)
+def test_structured_posterior_through_bmm_equals_glm(kind):
+    """Full activations through bmm with a deterministic operand (linear in the Bayesian weights): exact."""
+    torch.manual_seed(7)
+    model = _MixedTokens(torch.rand(2, 5, 4, dtype=torch.float64)).double().eval()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    posterior, sigma = layer_posterior(kind, "layer.weight", "layer.bias", shapes, torch.Generator().manual_seed(8),
+                                       0.05)
+    x = torch.randn(2, 4, 4, dtype=torch.float64)
+    pred = run(model, posterior, x, "full")
+    j = jacobian(model, ["layer.weight", "layer.bias"], x)
+    torch.testing.assert_close(pred.cov.reshape(2, 15, 15), j @ sigma @ j.transpose(1, 2), rtol=1e-9, atol=1e-12)
+
+
 class _Scaled(nn.Module):
     """One Bayesian layer whose output nothing nonlinear follows (so the moments are exact)."""
 

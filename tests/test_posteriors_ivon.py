@@ -14,7 +14,10 @@ ivon = pytest.importorskip("ivon", reason="ivon-opt is an optional extra (requir
 def trained():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "weight_decay": 1e-2}]
+    # Very different weight decays per group (variance 1 / (ess (hess + wd)), hess ~ 0.5): reading one group's
+    # decay for the other would change those variances ~10x.
+    groups = [{"params": model[0].parameters(), "weight_decay": 1e-4},
+              {"params": model[2].parameters(), "weight_decay": 5.0}]
     optimizer = ivon.IVON(groups, lr=0.05, ess=2000.0, hess_init=0.5)
     x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
     for _ in range(20):
@@ -36,10 +39,14 @@ def test_variances_match_ivon_samples():
         with optimizer.sampled_params():
             for n, p in model.named_parameters():
                 draws[n].append(p.detach().clone())
-    ratio = torch.cat([(torch.stack(values).var(0) / posterior.variances[name]).flatten()
-                       for name, values in draws.items()])
-    assert abs(ratio.mean().item() - 1) < 0.015  # 51 entries of 2000 draws each: about 0.4% standard error
-    assert (ratio - 1).abs().max().item() < 0.2
+    # A sample variance of n Gaussian draws has relative standard error sqrt(2 / (n - 1)): every entry within five
+    # of them, and each group's mean ratio within five standard errors of its mean.
+    se = (2 / (2000 - 1)) ** 0.5
+    for group, layer in ((0, "0"), (1, "2")):
+        ratio = torch.cat([(torch.stack(values).var(0) / posterior.variances[name]).flatten()
+                           for name, values in draws.items() if name.startswith(layer + ".")])
+        assert (ratio - 1).abs().max().item() < 5 * se, f"group {group}: {ratio}"
+        assert abs(ratio.mean().item() - 1) < 5 * se / ratio.numel() ** 0.5, f"group {group}: {ratio.mean()}"
 
 
 def test_predictive_matches_monte_carlo_over_ivon_samples():

@@ -16,9 +16,11 @@ prints the table.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
-from torch.func import functional_call, vmap
+from torch.func import functional_call, jacrev, vmap
 
 import fxstream
 from fxstream.select import last_blocks, select
@@ -29,27 +31,27 @@ DTYPE = torch.float64
 MODELS = ("gpt2", "vit", "bert", "llama", "phi3")
 
 
-def tiny(name: str, attention: str = "sdpa", vocab: int = 97):
+def tiny(name: str, attention: str = "sdpa", vocab: int = 97, layers: int = 2):
     """A tiny random-weight model of the family and a seeded input batch."""
     torch.manual_seed(0)
     common = dict(attn_implementation=attention)
     if name == "gpt2":
-        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=vocab, n_positions=32,
+        config = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=4, vocab_size=vocab, n_positions=32,
                                          bos_token_id=0, eos_token_id=0, **common)
         model, x = transformers.GPT2LMHeadModel(config), torch.randint(0, vocab, (2, 8))
     elif name == "vit":
-        config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                                         intermediate_size=64, image_size=16, patch_size=4, num_labels=5, **common)
         model, x = transformers.ViTForImageClassification(config), torch.randn(2, 3, 16, 16, dtype=DTYPE)
     elif name == "bert":
-        config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        config = transformers.BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                                          intermediate_size=64, vocab_size=vocab, max_position_embeddings=32,
                                          num_labels=3, **common)
         model, x = transformers.BertForSequenceClassification(config), torch.randint(0, vocab, (2, 8))
     else:
         config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                                      "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}[name]
-        config = config_class(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        config = config_class(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                               intermediate_size=64, vocab_size=vocab, max_position_embeddings=32, bos_token_id=0,
                               eos_token_id=0, pad_token_id=0, **common)
         model, x = model_class(config), torch.randint(0, vocab, (2, 8))
@@ -57,10 +59,16 @@ def tiny(name: str, attention: str = "sdpa", vocab: int = 97):
 
 
 def weight_variances(model: torch.nn.Module, scale: float, with_query_key: bool) -> dict[str, torch.Tensor]:
-    """Variances for the weight matrices of every block (scale * mean |W|^2); Q/K get zero unless asked."""
+    """Variances for the weight matrices of every block (scale * mean |W|^2); Q/K get zero unless asked.
+
+    BERT: the encoder's only (see below)."""
     variances = {}
     for name, p in model.named_parameters():
         if p.dim() != 2 or "embed" in name or name.endswith(("wte.weight", "wpe.weight")):
+            continue
+        if name.startswith(("classifier.", "bert.pooler.")) and type(model).__name__.startswith("Bert"):
+            # BERT's pooler and classifier are left deterministic: at initializer_range 0.02 their variance
+            # swamps the encoder's, and every rule option then gives the same numbers (a guard on the head only).
             continue
         var = scale * p.detach().abs().mean().square() * torch.ones_like(p)
         if not with_query_key:
@@ -78,18 +86,32 @@ def weight_variances(model: torch.nn.Module, scale: float, with_query_key: bool)
 
 def monte_carlo_variance(model, x, variances, samples: int, seed: int = 0, chunk: int = 500) -> torch.Tensor:
     """Variance of the logits over weights drawn from the diagonal Gaussian ``variances``."""
+    return monte_carlo_moments(model, x, variances, samples, seed, chunk)[0]
+
+
+def monte_carlo_moments(model, x, variances, samples: int, seed: int = 0,
+                        chunk: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Monte Carlo variance of the logits and its relative standard error per element.
+
+    The standard error of a sample variance is sqrt((m4 - var^2) / n), with m4 the fourth central moment
+    (estimated from the same draws, no Gaussian assumption); relative: divided by the variance.
+    """
     params = {n: p.detach() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        centre = model(x).logits  # moments about the mean network's output, then shifted: no cancellation
     g = torch.Generator().manual_seed(seed)
-    total = square = 0
+    sums = [0, 0, 0, 0]
     for start in range(0, samples, chunk):
         n = min(chunk, samples - start)
         drawn = {name: p + (variances[name].sqrt() * torch.randn(n, *p.shape, generator=g, dtype=p.dtype)
                             if name in variances else 0 * p.expand(n, *p.shape))
                  for name, p in params.items()}
-        logits = vmap(lambda ps: functional_call(model, ps, (x,)).logits)(drawn)
-        total, square = total + logits.sum(0), square + logits.square().sum(0)
-    mean = total / samples
-    return square / samples - mean.square()
+        d = vmap(lambda ps: functional_call(model, ps, (x,)).logits)(drawn) - centre
+        sums = [total + d.pow(k + 1).sum(0) for k, total in enumerate(sums)]
+    m1, m2, m3, m4 = (total / samples for total in sums)
+    var = m2 - m1.square()
+    fourth = m4 - 4 * m1 * m3 + 6 * m1.square() * m2 - 3 * m1.pow(4)
+    return var, ((fourth - var.square()).clamp_min(0) / samples).sqrt() / var
 
 
 def relative_errors(var: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
@@ -110,22 +132,61 @@ def test_means_equal_the_deterministic_forward(name, attention):
     with torch.no_grad():
         expected = model(x).logits
     assert torch.equal(predictive.mean, expected)
-    assert (predictive.var > 0).all()
 
 
-# Measured with 20k-sample Monte Carlo (see benchmarks/bench_transformers.py --accuracy); guards leave
-# room for the Monte Carlo noise of the 4k samples used here.
-GUARDS = {  # (name, options) -> (median, p90) bounds on the relative variance error
-    ("gpt2", "paper"): (0.12, 0.35),
-    ("gpt2", "full"): (0.08, 0.20),
-    ("vit", "full"): (0.06, 0.15),
-    ("vit", "paper"): (0.12, 0.35),
-    ("bert", "paper"): (0.12, 0.35),
-    ("llama", "paper"): (0.12, 0.35),
-    ("llama", "norm-linearised"): (0.12, 0.35),
-    ("llama", "full"): (0.08, 0.20),
-    ("phi3", "paper"): (0.12, 0.35),
-    ("phi3", "full"): (0.08, 0.20),
+@pytest.mark.parametrize("name", MODELS)
+def test_head_alone_bayesian_gives_the_closed_form(name):
+    """Only the output head uncertain: the logits are linear in it, so their variance is exact, h^2 @ V^T + v_b
+    with h the head's input (read by a hook). GPT-2's head is tied to the embedding, so there the final layer
+    norm's bias b is the uncertain one: logits = (... + b) @ wte^T, variance v_b @ (wte^2)^T."""
+    model, x = tiny(name)
+    if name == "gpt2":
+        bias = model.transformer.ln_f.bias
+        v_b = 1e-3 * torch.rand(bias.shape, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+        predictive = streamlined_var(model, x, {"transformer.ln_f.bias": v_b})
+        expected = (v_b @ model.transformer.wte.weight.detach().square().T).expand(predictive.mean.shape)
+    else:
+        head_name = "classifier" if name in ("vit", "bert") else "lm_head"
+        head = getattr(model, head_name)
+        g = torch.Generator().manual_seed(3)
+        variances = {f"{head_name}.{n}": 1e-3 * torch.rand(p.shape, generator=g, dtype=DTYPE)
+                     for n, p in head.named_parameters()}
+        seen = []
+        hook = head.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+        with torch.no_grad():
+            model(x)
+        hook.remove()
+        predictive = streamlined_var(model, x, variances)
+        expected = seen[0].square() @ variances[f"{head_name}.weight"].T
+        if f"{head_name}.bias" in variances:
+            expected = expected + variances[f"{head_name}.bias"]
+    torch.testing.assert_close(predictive.var, expected, rtol=1e-9, atol=0)
+
+
+# Regression guards: (median, p90) of the relative variance error measured against Monte Carlo with
+# REFERENCE_SAMPLES draws, from benchmarks/results/transformers_accuracy.md (regenerate with the command in its
+# header), with that table's "MC SE" columns: the median and p90 over outputs of the Monte Carlo variances'
+# relative standard error (from the draws' fourth moments). The test draws the same REFERENCE_SAMPLES weights with
+# the same seed, so the Monte Carlo noise is common to the table and the test; a guard fails when the error moves
+# past the measured one by more than three standard errors of the Monte Carlo estimate, the resolution below which
+# Monte Carlo cannot tell two predictives apart.
+REFERENCE_SAMPLES = 10_000
+GUARDS = {  # (name, setting) -> measured (median, p90) and the reference's relative SE (median, p90)
+    ("gpt2", "paper"): ((0.081, 0.232), (0.014, 0.014)),
+    ("gpt2", "norm-linearised"): ((0.067, 0.166), (0.014, 0.014)),
+    ("gpt2", "full"): ((0.039, 0.101), (0.014, 0.014)),
+    ("vit", "paper"): ((0.042, 0.085), (0.014, 0.014)),
+    ("vit", "norm-linearised"): ((0.025, 0.095), (0.014, 0.014)),
+    ("vit", "full"): ((0.007, 0.068), (0.014, 0.014)),
+    ("bert", "paper"): ((0.095, 0.173), (0.014, 0.014)),
+    ("bert", "norm-linearised"): ((0.047, 0.172), (0.014, 0.014)),
+    ("bert", "full"): ((0.003, 0.017), (0.014, 0.014)),
+    ("llama", "paper"): ((0.063, 0.16), (0.014, 0.014)),
+    ("llama", "norm-linearised"): ((0.059, 0.155), (0.014, 0.014)),
+    ("llama", "full"): ((0.037, 0.114), (0.014, 0.014)),
+    ("phi3", "paper"): ((0.055, 0.128), (0.014, 0.014)),
+    ("phi3", "norm-linearised"): ((0.053, 0.125), (0.014, 0.014)),
+    ("phi3", "full"): ((0.027, 0.082), (0.014, 0.014)),
 }
 SETTINGS = {
     "paper": {},
@@ -134,15 +195,28 @@ SETTINGS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def monte_carlo_reference(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The table's Monte Carlo variance (same draws) and relative SE of a tiny model's logits, once per model."""
+    model, x = tiny(name)
+    return monte_carlo_moments(model, x, weight_variances(model, 1e-3, with_query_key=False), REFERENCE_SAMPLES)
+
+
 @pytest.mark.parametrize("name, setting", list(GUARDS))
 def test_variances_agree_with_monte_carlo(name, setting):
     """Sampling exactly the weights the paper's attention rule treats as uncertain (no Q/K)."""
     model, x = tiny(name)
     variances = weight_variances(model, 1e-3, with_query_key=False)
     predictive = streamlined_var(model, x, variances, **SETTINGS[setting])
-    median, p90 = relative_errors(predictive.var, monte_carlo_variance(model, x, variances, 4000))
-    max_median, max_p90 = GUARDS[name, setting]
-    assert median <= max_median and p90 <= max_p90, f"{name} {setting}: median {median:.3f}, p90 {p90:.3f}"
+    reference, se = monte_carlo_reference(name)
+    median, p90 = relative_errors(predictive.var, reference)
+    (measured_median, measured_p90), (table_se_median, table_se_p90) = GUARDS[name, setting]
+    se_median, se_p90 = se.median().item(), se.quantile(0.9).item()
+    # The same draws as the table's: their standard errors agree with its columns (printed to 3 decimals).
+    assert abs(se_median - table_se_median) <= 6e-4 and abs(se_p90 - table_se_p90) <= 6e-4, (se_median, se_p90)
+    bound_median, bound_p90 = measured_median + 3 * se_median, measured_p90 + 3 * se_p90
+    assert median <= bound_median and p90 <= bound_p90, \
+        f"{name} {setting}: median {median:.3f} (bound {bound_median:.3f}), p90 {p90:.3f} (bound {bound_p90:.3f})"
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "phi3"])
@@ -158,12 +232,41 @@ def test_eager_attention_matches_sdpa_under_the_paper_rule(name):
     torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=0)
 
 
-def test_query_key_uncertainty_enters_only_when_linearised():
-    model, x = tiny("gpt2")
-    variances = weight_variances(model, 1e-3, with_query_key=True)
-    paper = streamlined_var(model, x, variances).var
-    linearised = streamlined_var(model, x, variances, attention="linearised").var
-    assert (linearised >= paper * (1 - 1e-12)).all() and (linearised > paper).any()
+class OneHead(torch.nn.Module):
+    """One causal SDPA head whose queries, keys and values come from three Bayesian linear layers."""
+
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = (torch.nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, x):
+        q, k, v = (layer(x)[:, None] for layer in (self.q, self.k, self.v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)[:, 0]
+
+
+def test_linearised_attention_is_exactly_the_linearisation():
+    """attention="linearised" with uncertain queries and keys: with full activations and products="linearised"
+    the pass is first order throughout, and Q, K, V come from independent weights, so its covariance must be
+    J Sigma J^T over the three layers' weights (torch.func.jacrev) to float precision. The paper's rule, which
+    drops the Q/K part (here about a quarter of the variance), must not be."""
+    model = OneHead().to(DTYPE).eval()
+    x = 2 * torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    g = torch.Generator().manual_seed(2)
+    variances = {n: 0.05 * torch.rand(p.shape, generator=g, dtype=DTYPE) for n, p in model.named_parameters()}
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    jac = jacrev(lambda chosen: functional_call(model, chosen, (x,)).reshape(-1))(params)
+    dense = sum(j.reshape(j.shape[0], -1) * variances[n].reshape(1, -1) @ j.reshape(j.shape[0], -1).T
+                for n, j in jac.items())
+    n = dense.shape[0] // 2
+    expected = dense.reshape(2, n, 2, n).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    covs = {}
+    for attention in ("linearised", "paper"):
+        covs[attention] = fxstream.streamline(model, fxstream.Diagonal(variances), activation_cov="full",
+                                              products="linearised", attention=attention,
+                                              backend="eager")(x).cov.reshape(2, n, n)
+    torch.testing.assert_close(covs["linearised"], expected, rtol=1e-9, atol=1e-12 * expected.abs().max().item())
+    assert (covs["paper"] - expected).abs().max() > 0.1 * expected.abs().max()
 
 
 def test_rms_norm_paper_rule_holds_the_statistic():
@@ -180,6 +283,27 @@ def test_rms_norm_paper_rule_holds_the_statistic():
     scale = torch.rsqrt(x.float().square().mean(-1, keepdim=True) + 1e-5).to(DTYPE)
     expected = input_var * (scale * norm.weight).square()
     torch.testing.assert_close(predictive.var, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.xfail(strict=True, reason="norm='linearised' on a hand-written RMSNorm: x and rsqrt(mean(x^2)) rejoin "
+                   "through a reduction, which rules/region.py does not linearise jointly, so mul treats them as "
+                   "independent (up to ~8x the true variance here). Flips to a pass when the joint linearisation "
+                   "extends to per-row functions through reductions.")
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_rms_norm_linearised_is_the_jacobian(structure):
+    """Llama's hand-written RMSNorm under norm="linearised": the variance must be diag(J S J^T) per token, J the
+    norm's Jacobian at the mean (torch.func.jacrev; diagonal plus rank one), to LlamaRMSNorm's float32 rounding."""
+    norm = transformers.models.llama.modeling_llama.LlamaRMSNorm(6, eps=1e-5).to(DTYPE).eval()
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 6))
+    x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    input_var = 0.01 * torch.rand(2, 3, 6, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    predictive = fxstream.streamline(norm, input_var=input_var, activation_cov=structure, norm="linearised",
+                                     backend="eager")(x)
+    jac = torch.stack([torch.stack([jacrev(lambda row: norm(row[None, None])[0, 0])(x[b, t]) for t in range(3)])
+                       for b in range(2)])
+    expected = torch.einsum("btij,btj,btij->bti", jac, input_var, jac)
+    torch.testing.assert_close(predictive.var, expected, rtol=1e-5, atol=0)
 
 
 def test_tied_lm_head_is_one_posterior_entry():
@@ -210,8 +334,9 @@ def test_large_vocabulary_needs_nothing_vocab_squared():
     largest.run(*graph.captured.example_inputs)
     logits, table = 2 * 8 * vocab, vocab * 32
     assert largest.numel <= 2 * max(logits, table), f"largest tensor has {largest.numel} elements"
-    probs = predictive.probs("probit")
-    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 8, dtype=DTYPE))
+    kappa = 1 / (1 + torch.pi / 8 * predictive.var).sqrt()  # probit over 50257 classes, by its closed form
+    torch.testing.assert_close(predictive.probs("probit"), torch.softmax(predictive.mean * kappa, -1),
+                               rtol=1e-12, atol=1e-15)
 
 
 class LargestTensor(torch.fx.Interpreter):

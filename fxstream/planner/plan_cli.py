@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pickle
 
 import torch
 
@@ -72,7 +73,7 @@ def load_posterior(target: Target, path: str | None, variance: float) -> Diagona
         return Diagonal({n: torch.full_like(p, variance) for n, p in target.model.named_parameters()})
     try:
         variances = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         raise FxstreamError(f"cannot read the posterior file '{path}': {str(error).splitlines()[0]}") from None
     if not isinstance(variances, dict):
         raise FxstreamError(f"the posterior file '{path}' must hold a dict of parameter name -> variance tensor")

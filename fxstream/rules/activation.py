@@ -83,4 +83,11 @@ def identity(call: RuleCall) -> torch.Tensor:
     cov = call.cov(0)
     if cov is None:  # only the tensor whose dtype is copied was uncertain: the values carry none
         return zero_covariance(call)
-    return cov.to(dtype=call.out.dtype, device=call.out.device) if isinstance(cov, torch.Tensor) else cov
+    if not isinstance(cov, torch.Tensor):
+        return cov
+    cov = cov.to(dtype=call.out.dtype, device=call.out.device)
+    # A copy (clone, contiguous, _to_copy) is contiguous, and functionalization follows it by _unsafe_view, which
+    # needs that: a diagonal covariance (the mean's shape) is made contiguous alike.
+    if call.op is not aten.detach.default and cov.shape == call.out.shape and call.out.is_contiguous():
+        cov = cov.contiguous()
+    return cov

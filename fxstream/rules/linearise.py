@@ -121,7 +121,11 @@ def routed_variance(call: RuleCall, output: TensorFn | None = None) -> torch.Ten
     costs functorch's bookkeeping on every view of every layer.
     """
     pick = output or (lambda out: out)
-    replacements = {path: cov for path, _, cov, _ in call.uncertain()}
+    # A view of the mean (functionalization keeps aten.view where the model wrote reshape) needs the mean's
+    # layout; a variance computed by a rule may be laid out otherwise (a transposed GEMM's result), so it follows
+    # the mean's contiguity.
+    replacements = {path: cov.contiguous() if mean.is_contiguous() and cov.shape == mean.shape else cov
+                    for path, mean, cov, _ in call.uncertain()}
     for path, value in call.tensors():
         if path not in replacements and torch.is_floating_point(value):
             replacements[path] = torch.zeros_like(value)

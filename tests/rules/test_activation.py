@@ -55,6 +55,7 @@ SAMPLES = [
     Sample(aten.alias.default, (act(x),)),
     Sample(aten.to.dtype, (act(x), torch.float32)),
     Sample(aten.to.dtype_layout, (act(x),), {"dtype": torch.float32, "device": torch.device("cpu")}),
+    Sample(aten._to_copy.default, (act(x),), {"dtype": torch.float32}),
     Sample(aten.to.device, (act(x), torch.device("cpu"), torch.float32)),
     Sample(aten.to.other, (act(x), torch.zeros(1, dtype=torch.float32))),
     Sample(aten._to_copy.default, (act(x),), {"dtype": torch.float32}),
