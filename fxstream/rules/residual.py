@@ -17,18 +17,29 @@ maps, one into the branch and one back out:
     after the first map M:   J = sum_t diag(a_t) M_t diag(g_t)        (a term per map)
     after the second, M2:    diag(J) = sum_t (a_t @ (M2^T o M_t)) * g_t (one GEMM per term)
 
+The same holds for two stride-1 convolutions K1 (kernel W1) and K2 (W2) with
+per-element ops (batch norm, activations) around them, a ResNet basic block:
+J = sum_t diag(a_t) K1 diag(g_t) after the first, and after the second
+
+    diag(J) = sum_t conv(a_t, P) * g_t,   P[c, c1, q] = W2[c, c1, q] W1[c1, c, r(q)]
+
+where r(q) is the tap of W1 that leads from output position p, through tap q
+of W2, back to input position p: one convolution of K2's size per term.
+
 The Jacobian is carried as such a form through the branch, evaluated at the
-means the graph already holds. A branch with anything else (attention mixes
-tokens) keeps the independent add.
+means the graph already holds. A branch with anything else keeps the
+independent add: attention mixes tokens; a third map (bottleneck and
+inverted-residual blocks) would need, at every position, a sum over two
+hidden layers' channels; a downsampling shortcut puts maps on both paths.
+:func:`warn_uncovered_joins` says once per graph how many joins were left and why.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Union
-
 import operator
 import warnings
+from dataclasses import dataclass
+from typing import Union
 
 import torch
 import torch.fx
@@ -37,7 +48,7 @@ from torch.fx.node import map_aggregate
 
 from .linearise import derivative
 from .norm import layer_statistics
-from .patterns import TRANSPARENT
+from .patterns import SOFTMAX, TRANSPARENT
 from .region import ELEMENTWISE_OPS
 
 aten = torch.ops.aten
@@ -48,6 +59,7 @@ PER_ELEMENT = ELEMENTWISE_OPS | {aten._to_copy.default}
 LINEAR_MAPS = frozenset({aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default})
 CONVOLUTIONS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
                           aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding})
+MIXING = frozenset({*SOFTMAX, aten.scaled_dot_product_attention.default})
 BATCH_NORMS = frozenset({aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default})
 THIRD_MAP = ("more than two linear maps or convolutions (a bottleneck or inverted-residual branch): its "
              "diag(J_f) would need, at every position, a sum over the channels of two hidden layers")
@@ -536,6 +548,8 @@ def _build(fork, nodes, held, norm, sign) -> ResidualJoin | str:
         steps.append(Step(node.target, tuple(args), dict(kwargs), ref(node).index, node in held))
     branch = ResidualBranch(steps, 0, norm)
     problem = _carried(branch, inputs)
+    if problem is not None and any(node.target in MIXING for node in nodes):
+        problem = "an attention branch, which mixes tokens (the forms act per token)"
     return ResidualJoin(fork, inputs, branch, sign) if problem is None else problem
 
 
