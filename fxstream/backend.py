@@ -22,7 +22,8 @@ from .pipeline import rewrite
 from .posterior import Posterior
 from .predictive import Predictive
 from .rules.linearise import full_to_diag
-from .rules import RULE_OPTIONS
+from .rules import DEFAULT_RULE_OPTIONS, RULE_OPTIONS
+from .rules.residual import warn_uncovered_joins
 
 _PREDICTIVES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -124,11 +125,24 @@ def compile_streamlined(gm: torch.fx.GraphModule, example_inputs: list, options:
     """Run the pipeline capture -> decompose -> pair -> prune -> lower on one Dynamo graph."""
     captured = capture(gm, example_inputs)
     rewritten = rewrite(captured, options)
+    if options.rule_options.get("residual") == "linearised":
+        _report_residual_joins(captured, rewritten.paired, options)
     streamlined = Streamlined(captured, rewritten.paired, rewritten.report, options)
     streamlined.compiled = lower(rewritten.paired.graph_module, example_inputs, options.backend)
     if options.on_compile is not None:
         options.on_compile(streamlined)
     return streamlined
+
+
+def _report_residual_joins(captured: CapturedGraph, paired: PairedGraph, options: StreamlineOptions) -> None:
+    """Warn once where residual="linearised" left joins of the pruned graph with the independent add."""
+    tags = [node.meta.get("fxstream", {}) for node in paired.graph_module.graph.nodes]
+    tags = [tag for tag in tags if tag.get("role") == "cov"]
+    inputs = {p.name for p in captured.inputs()}
+    uncertain = {tag["of"] for tag in tags if tag["rule"] != "source" or tag["of"] in inputs}
+    covered = {tag["of"] for tag in tags if tag["rule"] in ("residual_join", "elementwise_region")}
+    warn_uncovered_joins(captured.graph_module.graph, uncertain, covered,
+                         {**DEFAULT_RULE_OPTIONS, **options.rule_options}, options.activation_cov)
 
 
 def streamline_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Mapping[str, Any] | None = None):

@@ -42,18 +42,82 @@ class Subset(Posterior):
 
 
 def last_blocks(model: torch.nn.Module, k: int) -> list[str]:
-    """Glob patterns for the last ``k`` blocks of the model's longest ``nn.ModuleList``.
+    """Glob patterns for the model's last ``k`` blocks, e.g. ``["transformer.h.10.*", "transformer.h.11.*"]``.
 
-    E.g. ``["transformer.h.10.*", "transformer.h.11.*"]`` for GPT-2.
+    A *container* is an ``nn.Sequential``, ``nn.ModuleList`` or ``nn.ModuleDict``; only children that hold
+    parameters count. A container is a *stage* when every one of those children is a
+    block module (not a container, with submodules of its own: ``BasicBlock``, ``GPT2Block``,
+    ``MBConv``) or itself a stage (ResNet's ``layer1``, EfficientNet's ``features.3``). A
+    non-container module is a stage when its children are ``nn.Sequential`` stages, which chain
+    their blocks, and single layers or groups of layers (modules whose children have none),
+    at least one a stage (timm's ``stages.2``: ``downsample`` and ``blocks``; a mixture of
+    experts' ``gate`` and ``experts`` list is not). The block sequence
+
+    * of a container is its children in order, each stage among them replaced by its own
+      block sequence (flattening stages: VGG's ``features`` gives its conv layers, torchvision
+      ConvNeXt's ``features`` its stem, every ``CNBlock`` and every downsampling layer);
+    * of any other module is the concatenation of the block sequences of its children that
+      are stage containers (ResNet: ``layer1.0`` ... ``layer4.1``; timm: ``stages.0.blocks.0``
+      ... ``stages.3.blocks.2`` with the stages' downsampling layers in between).
+
+    The blocks are the longest such sequence in the model (the outermost of equally long
+    ones), and the patterns name its last ``k``. Transformers keep their layer list
+    (``transformer.h``, ``encoder.layer``, ``model.layers``).
     """
-    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.ModuleList)]
-    if not lists:
-        raise PosteriorMismatchError(f"{type(model).__name__} has no nn.ModuleList of blocks to take the last {k} of")
-    name, blocks = max(lists, key=lambda item: len(item[1]))
-    if not 0 < k <= len(blocks):
-        raise PosteriorMismatchError(f"'{name}' holds {len(blocks)} blocks; cannot take the last {k}")
-    prefix = f"{name}." if name else ""
-    return [f"{prefix}{i}.*" for i in range(len(blocks) - k, len(blocks))]
+    best_name, best = "", []
+    for name, module in model.named_modules():
+        sequence = _block_sequence(module, name)
+        if len(sequence) > len(best):
+            best_name, best = name, sequence
+    if not best:
+        raise PosteriorMismatchError(
+            f"{type(model).__name__} has no nn.Sequential or nn.ModuleList of blocks to take the last {k} of"
+        )
+    if not 0 < k <= len(best):
+        where = f"'{best_name}'" if best_name else type(model).__name__
+        raise PosteriorMismatchError(f"{where} holds {len(best)} blocks; cannot take the last {k}")
+    return [f"{name}.*" for name in best[len(best) - k:]]
+
+
+_CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
+
+
+def _children(module: torch.nn.Module, prefix: str) -> list[tuple[str, torch.nn.Module]]:
+    """(qualified name, child) for the children that hold parameters."""
+    dot = f"{prefix}." if prefix else ""
+    return [(f"{dot}{name}", child) for name, child in module.named_children()
+            if next(child.parameters(), None) is not None]
+
+
+def _is_layer(module: torch.nn.Module) -> bool:
+    """A single layer or a group of layers: none of its children has children."""
+    return all(next(child.children(), None) is None for child in module.children())
+
+
+def _is_stage(module: torch.nn.Module) -> bool:
+    children = [child for _, child in _children(module, "")]
+    if not children:
+        return False
+    if isinstance(module, _CONTAINERS):
+        return all(_is_stage(c) if isinstance(c, _CONTAINERS) else next(c.children(), None) is not None
+                   for c in children)
+    stages = [c for c in children if isinstance(c, torch.nn.Sequential) and _is_stage(c)]
+    return bool(stages) and all(any(c is s for s in stages) or _is_layer(c) for c in children)
+
+
+def _flattened(module: torch.nn.Module, name: str) -> list[str]:
+    """The blocks a child of a container stands for: itself, or a stage's block sequence."""
+    if not _is_stage(module):
+        return [name]
+    return [block for child_name, child in _children(module, name) for block in _flattened(child, child_name)]
+
+
+def _block_sequence(module: torch.nn.Module, name: str) -> list[str]:
+    children = _children(module, name)
+    if isinstance(module, _CONTAINERS):
+        return [block for child_name, child in children for block in _flattened(child, child_name)]
+    return [block for child_name, child in children
+            if isinstance(child, _CONTAINERS) and _is_stage(child) for block in _flattened(child, child_name)]
 
 
 def select(

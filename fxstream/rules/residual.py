@@ -17,23 +17,38 @@ maps, one into the branch and one back out:
     after the first map M:   J = sum_t diag(a_t) M_t diag(g_t)        (a term per map)
     after the second, M2:    diag(J) = sum_t (a_t @ (M2^T o M_t)) * g_t (one GEMM per term)
 
+The same holds for two stride-1 convolutions K1 (kernel W1) and K2 (W2) with
+per-element ops (batch norm, activations) around them, a ResNet basic block:
+J = sum_t diag(a_t) K1 diag(g_t) after the first, and after the second
+
+    diag(J) = sum_t conv(a_t, P) * g_t,   P[c, c1, q] = W2[c, c1, q] W1[c1, c, r(q)]
+
+where r(q) is the tap of W1 that leads from output position p, through tap q
+of W2, back to input position p: one convolution of K2's size per term.
+
 The Jacobian is carried as such a form through the branch, evaluated at the
-means the graph already holds. A branch with anything else (attention mixes
-tokens) keeps the independent add.
+means the graph already holds. A branch with anything else keeps the
+independent add: attention mixes tokens; a third map (bottleneck and
+inverted-residual blocks) would need, at every position, a sum over two
+hidden layers' channels; a downsampling shortcut puts maps on both paths.
+:func:`warn_uncovered_joins` says once per graph how many joins were left and why.
 """
 
 from __future__ import annotations
 
+import operator
+import warnings
 from dataclasses import dataclass
 from typing import Union
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch.fx.node import map_aggregate
 
 from .linearise import derivative
 from .norm import layer_statistics
-from .patterns import TRANSPARENT
+from .patterns import SOFTMAX, TRANSPARENT
 from .region import ELEMENTWISE_OPS
 
 aten = torch.ops.aten
@@ -42,6 +57,12 @@ aten = torch.ops.aten
 PASS_THROUGH = frozenset(TRANSPARENT) | {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 PER_ELEMENT = ELEMENTWISE_OPS | {aten._to_copy.default}
 LINEAR_MAPS = frozenset({aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default})
+CONVOLUTIONS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+                          aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding})
+MIXING = frozenset({*SOFTMAX, aten.scaled_dot_product_attention.default})
+BATCH_NORMS = frozenset({aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default})
+THIRD_MAP = ("more than two linear maps or convolutions (a bottleneck or inverted-residual branch): its "
+             "diag(J_f) would need, at every position, a sum over the channels of two hidden layers")
 JOINS = {aten.add.Tensor: 1.0, aten.sub.Tensor: -1.0}
 
 
@@ -64,7 +85,42 @@ class Chain:
     terms: dict[str, tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]
 
 
-Form = Union[Diagonal, Chain]
+@dataclass(frozen=True)
+class Conv:
+    """A stride-1 convolution's kernel and geometry (``padding``, ``dilation``: one entry per spatial dim)."""
+
+    weight: torch.Tensor
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+    def dense(self) -> torch.Tensor:
+        """The kernel (Cout, Cin, *k) with the zeros between groups filled in."""
+        if self.groups == 1:
+            return self.weight
+        c_out, c_in = self.weight.shape[0], self.weight.shape[1] * self.groups
+        blocks = self.weight.reshape(self.groups, c_out // self.groups, *self.weight.shape[1:]).unbind(0)
+        dense = self.weight.new_zeros(c_out, c_in, *self.weight.shape[2:])
+        step_out, step_in = c_out // self.groups, self.weight.shape[1]
+        for g, block in enumerate(blocks):
+            dense[g * step_out:(g + 1) * step_out, g * step_in:(g + 1) * step_in] = block
+        return dense
+
+    def centre(self, dim: int) -> int | None:
+        """The kernel tap that reads an output position's own input position along ``dim`` (None: none)."""
+        tap, rest = divmod(self.padding[dim], self.dilation[dim])
+        return tap if rest == 0 and tap < self.weight.shape[2 + dim] else None
+
+
+@dataclass
+class ConvChain:
+    """J = sum_t diag(a_t) K_t diag(g_t) with K_t a convolution; a_t (its output's shape) or None for
+    ones, g_t of the branch input's shape (N, C, *spatial)."""
+
+    terms: dict[str, tuple[torch.Tensor | None, Conv, torch.Tensor]]
+
+
+Form = Union[Diagonal, Chain, ConvChain]
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -73,6 +129,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _scaled(form: Form, e: torch.Tensor) -> Form:
     """diag(e) J."""
+    if isinstance(form, ConvChain):
+        return ConvChain({k: (e if a is None else e * a, c, g) for k, (a, c, g) in form.terms.items()})
     e = _rows(e)
     if isinstance(form, Diagonal):
         return Diagonal(e * form.d, form.exact)
@@ -82,34 +140,104 @@ def _scaled(form: Form, e: torch.Tensor) -> Form:
 def _sum(first: Form, second: Form) -> Form:
     if isinstance(first, Diagonal) and isinstance(second, Diagonal):
         return Diagonal(first.d + second.d, first.exact and second.exact)
-    if isinstance(first, Chain) and isinstance(second, Chain):
+    if type(first) is type(second) and isinstance(first, (Chain, ConvChain)):
         terms = dict(first.terms)  # both scaled by their op's slopes, so every a_t is a tensor
         for key, (a, m, g) in second.terms.items():
             terms[key] = (a + terms[key][0] if key in terms else a, m, g)
-        return Chain(terms)
-    raise NotCarried("a branch adds a diagonal and a mapped path")
+        return type(first)(terms)
+    raise NotCarried("a branch that adds a diagonal and a mapped path")
 
 
 def _through_map(form: Form, m: torch.Tensor, key: str) -> Form:
     """The form of x @ m^T: a first map starts a chain, a second one leaves only the diagonal."""
     if isinstance(form, Diagonal):
         if not form.exact:
-            raise NotCarried("a third linear map")
+            raise NotCarried(THIRD_MAP)
         return Chain({key: (None, m, form.d)})
+    if isinstance(form, ConvChain):
+        raise NotCarried("a convolution and a linear map in one branch")
     total = None
     for a, first, g in form.terms.values():
         if m.shape[0] != first.shape[1]:
-            raise NotCarried("the second map does not return to the branch's input width")
+            raise NotCarried(THIRD_MAP)
         product = m.t() * first
         along = product.sum(0).expand_as(g) if a is None else a @ product
         total = along * g if total is None else total + along * g
     return Diagonal(total, exact=False)
 
 
+def _through_conv(form: Form, conv: Conv, x: torch.Tensor, key: str) -> Form:
+    """The form of conv(x): a first convolution starts a chain, a second one leaves only the diagonal.
+
+    With K1 (kernel W1, padding p1) and K2 (W2, p2) stride-1 convolutions, output position p of
+    K2 diag(a) K1 reads hidden position p + d2 q - p2 through tap q of W2, which reads input
+    position p only through the tap r of W1 with d1 r = p1 + p2 - d2 q. So
+
+        diag(K2 diag(a) K1)[c, p] = conv(a, P)[c, p],   P[c, c1, q] = W2[c, c1, q] W1[c1, c, r(q)]
+
+    with K2's padding and dilation: one convolution of K2's size, J never formed.
+    """
+    if isinstance(form, Diagonal):
+        if not form.exact:
+            raise NotCarried(THIRD_MAP)
+        return ConvChain({key: (None, conv, form.d.reshape(x.shape))})
+    if isinstance(form, Chain):
+        raise NotCarried("a linear map and a convolution in one branch")
+    total = None
+    for a, first, g in form.terms.values():
+        product = _product_kernel(conv, first)
+        groups = conv.groups if conv.groups == first.groups and product.shape[0] == product.shape[1] else 1
+        if groups > 1:  # both maps keep the same channel groups: so does P
+            size = product.shape[0] // groups
+            product = torch.cat([product[i * size:(i + 1) * size, i * size:(i + 1) * size] for i in range(groups)])
+        along = _convolve(torch.ones_like(x) if a is None else a, product, conv.padding, conv.dilation, groups)
+        total = along * g if total is None else total + along * g
+    return Diagonal(_rows(total), exact=False)
+
+
+def _product_kernel(second: Conv, first: Conv) -> torch.Tensor:
+    """P[c, c1, q] = W2[c, c1, q] * W1[c1, c, r(q)], r(q) = (p1 + p2 - d2 q) / d1 (zero where no such tap)."""
+    w2, w1 = second.dense(), first.dense()
+    if w2.shape[0] != w1.shape[1] or w2.shape[1] != w1.shape[0]:
+        raise NotCarried(THIRD_MAP)
+    taps = w1.transpose(0, 1)  # (C, C1, *k1)
+    for dim in range(w1.dim() - 2):
+        k1, k2 = w1.shape[2 + dim], w2.shape[2 + dim]
+        select = taps.new_zeros(k2, k1)
+        for q in range(k2):
+            r, rest = divmod(first.padding[dim] + second.padding[dim] - second.dilation[dim] * q, first.dilation[dim])
+            if rest == 0 and 0 <= r < k1:
+                select[q, r] = 1
+        taps = torch.movedim(torch.tensordot(taps, select, dims=([2 + dim], [1])), -1, 2 + dim)
+    return w2 * taps
+
+
+def _convolve(x: torch.Tensor, weight: torch.Tensor, padding, dilation, groups: int) -> torch.Tensor:
+    function = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
+    return function(x, weight.to(x.dtype), None, 1, list(padding), list(dilation), groups)
+
+
+def _conv_diagonal(conv: Conv) -> torch.Tensor:
+    """diag(K) per output channel, (C, 1, ..., 1), for a convolution that keeps its input's shape."""
+    w = conv.dense()
+    if w.shape[0] != w.shape[1]:
+        raise NotCarried("one convolution that changes the channels")
+    centre = tuple(conv.centre(dim) for dim in range(w.dim() - 2))
+    if None in centre:
+        return w.new_zeros(w.shape[0], *([1] * len(centre)))
+    return w.diagonal()[(*centre, slice(None))].reshape(-1, *([1] * len(centre)))
+
+
 def _final_diagonal(form: Form) -> torch.Tensor:
     """diag(J) of the branch's output."""
     if isinstance(form, Diagonal):
         return form.d
+    if isinstance(form, ConvChain):
+        total = None
+        for a, conv, g in form.terms.values():
+            term = _conv_diagonal(conv).to(g.dtype) * g * (1 if a is None else a)
+            total = term if total is None else total + term
+        return total
     total = None
     for a, m, g in form.terms.values():
         if m.shape[0] != m.shape[1]:
@@ -163,7 +291,7 @@ class ResidualBranch(torch.nn.Module):
                 forms.pop(index, None)
         last = forms.get(self.steps[-1].index)
         if last is None:
-            raise NotCarried("the branch output is held at its mean")
+            raise NotCarried("a branch output held at its mean")
         if isinstance(last, NotCarried):
             raise last
         return _final_diagonal(last)
@@ -185,8 +313,20 @@ class ResidualBranch(torch.nn.Module):
         target = step.target
         if target in PASS_THROUGH:
             if (target is aten.dropout.default and args[2]) or out.shape[-1] != args[0].shape[-1]:
-                raise NotCarried(str(target))
+                raise NotCarried(f"{target} that changes the last dim or drops at random")
+            if isinstance(formed[0][1], ConvChain) and out.shape != args[0].shape:
+                raise NotCarried(f"{target} between two convolutions")
             return formed[0][1]
+        if target is operator.getitem:  # of a batch norm's (y, mean, rstd): its forms are y's
+            if args[1] != 0:
+                raise NotCarried("a batch norm's statistics")
+            return formed[0][1]
+        if target in BATCH_NORMS:
+            return _scaled(formed[0][1], _batch_norm_slope(target, args, kwargs, [i for i, _ in formed]))
+        if target in CONVOLUTIONS:
+            if [i for i, _ in formed] != [0]:
+                raise NotCarried(f"{target} of an uncertain kernel")
+            return _through_conv(formed[0][1], _conv_of(target, args, kwargs), args[0], str(step.index))
         if target in LINEAR_MAPS:
             if [i for i, _ in formed] != [1 if target is aten.addmm.default else 0] or kwargs:
                 raise NotCarried(f"{target} of two uncertain operands")
@@ -212,7 +352,50 @@ class ResidualBranch(torch.nn.Module):
                 part = _scaled(form, slope.to(out.dtype))
                 total = part if total is None else _sum(total, part)
             return total
-        raise NotCarried(str(target))
+        raise NotCarried(f"{target}, an op the forms do not carry")
+
+
+def _batch_norm_slope(target, args: tuple, kwargs: dict, formed: list[int]) -> torch.Tensor:
+    """gamma / sqrt(running_var + eps), broadcast to the input: eval batch norm is affine per channel."""
+    if formed != [0]:
+        raise NotCarried("batch norm of an uncertain scale or statistic")
+    if target is aten.batch_norm.default:
+        x, gamma, _, _, running_var, training, _, eps = args[:8]
+        if training:
+            raise NotCarried("batch norm in training mode")
+    else:
+        x, gamma, _, _, running_var, _, eps = args[:7]
+    channel = (-1,) + (1,) * (x.dim() - 2)
+    slope = torch.rsqrt(running_var + eps).reshape(channel)
+    if gamma is not None:
+        slope = gamma.reshape(channel) * slope
+    return slope.to(x.dtype).expand_as(x)
+
+
+def _conv_of(target, args: tuple, kwargs: dict) -> Conv:
+    """The kernel and geometry of a convolution node (stride 1 only: a branch that returns to its
+    input's shape strides nowhere, or strides and upsamples, which no form carries)."""
+    names = ("stride", "padding", "dilation", "groups")
+    given = dict(zip(names, args[3:]), **{k: v for k, v in kwargs.items() if k in names})
+    weight = args[1]
+    dims = weight.dim() - 2
+
+    def per_dim(value, default):
+        value = default if value is None else value
+        return tuple(value) * (dims if len(value) == 1 else 1) if isinstance(value, (list, tuple)) else (value,) * dims
+
+    stride, dilation = per_dim(given.get("stride"), 1), per_dim(given.get("dilation"), 1)
+    if any(s != 1 for s in stride):
+        raise NotCarried("a strided convolution")
+    padding = given.get("padding", 0)
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+        if any(t % 2 for t in total):
+            raise NotCarried("a 'same' convolution padded unevenly")
+        padding = [t // 2 for t in total]
+    return Conv(weight, per_dim(padding, 0), dilation, int(given.get("groups", 1) or 1))
 
 
 def _refs(structure) -> list[Ref]:
@@ -254,10 +437,73 @@ def residual_joins(graph: torch.fx.Graph, held: set[torch.fx.Node], norm: str) -
         for fork, out in ((first, second), (second, first)):
             nodes = _branch(fork, out)
             join = None if nodes is None else _build(fork, nodes, held, norm, scale)
-            if join is not None:
+            if isinstance(join, ResidualJoin):
                 found[node] = join
                 break
     return found
+
+
+TWO_SIDED = ("maps on both paths, a(h) + f(h) (a downsampling or projection shortcut): the diagonal of "
+             "Cov(a, f) needs both Jacobians off their diagonals")
+
+
+def uncovered_joins(graph: torch.fx.Graph, uncertain: set[str], covered: set[str], options: dict,
+                    structure: str = "diag") -> dict[torch.fx.Node, str]:
+    """The add/sub nodes where two paths from one uncertain tensor meet again (method.md, "Joins") that
+    ``residual="linearised"`` does not cover, each with the reason.
+
+    ``uncertain``: names of the nodes whose covariance the pruned graph computes (activations and
+    uncertain inputs, not parameters); ``covered``: names of the joins that got the covariance term
+    (or, for elementwise joins, the region rule).
+    """
+    from .patterns import mean_only_nodes
+
+    held = mean_only_nodes(graph, options)
+    ancestors: dict[torch.fx.Node, set[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        below = {node} if node.name in uncertain else set()
+        for arg in node.all_input_nodes:
+            below |= ancestors[arg]
+        ancestors[node] = below
+    found = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in JOINS or node.name in covered or node.name not in uncertain:
+            continue
+        if len(node.args) < 2 or not all(isinstance(a, torch.fx.Node) and a.name in uncertain for a in node.args[:2]):
+            continue
+        first, second = node.args[:2]
+        if not ancestors[first] & ancestors[second]:
+            continue
+        reason = TWO_SIDED
+        if structure != "diag":
+            reason = "activation_cov='full': the option adds diagonal terms only"
+        else:
+            for fork, out in ((first, second), (second, first)):
+                nodes = _branch(fork, out)
+                if nodes is not None:
+                    built = _build(fork, nodes, held, options["norm"], 1.0)
+                    reason = built if isinstance(built, str) else "the fork carries no diagonal covariance"
+                    break
+        found[node] = reason
+    return found
+
+
+def warn_uncovered_joins(graph: torch.fx.Graph, uncertain: set[str], covered: set[str], options: dict,
+                         structure: str = "diag") -> None:
+    """One warning naming the option, how many joins it did not cover, and why (nothing if none)."""
+    missed = uncovered_joins(graph, uncertain, covered, options, structure)
+    if not missed:
+        return
+    done = sum(1 for node in graph.nodes if node.name in covered and node.target in JOINS)
+    reasons: dict[str, int] = {}
+    for reason in missed.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    why = "; ".join(f"{count} with {reason}" for reason, count in reasons.items())
+    warnings.warn(
+        f"residual='linearised' covered {done} of {done + len(missed)} joins of two paths from one uncertain "
+        f"tensor; the other {len(missed)} keep the independent add (their cross-covariance is dropped): {why}",
+        stacklevel=2,
+    )
 
 
 def _branch(fork: torch.fx.Node, out: torch.fx.Node) -> list[torch.fx.Node] | None:
@@ -277,12 +523,12 @@ def _branch(fork: torch.fx.Node, out: torch.fx.Node) -> list[torch.fx.Node] | No
     return [n for n in out.graph.nodes if n in on_path]
 
 
-def _build(fork, nodes, held, norm, sign) -> ResidualJoin | None:
-    """The join of ``fork`` and the branch ``nodes``, None when the branch cannot be carried."""
+def _build(fork, nodes, held, norm, sign) -> ResidualJoin | str:
+    """The join of ``fork`` and the branch ``nodes``, or why the branch cannot be carried."""
     if fork.meta.get("val") is None or nodes[-1].meta.get("val") is None:
-        return None
+        return "no example values"
     if tuple(fork.meta["val"].shape) != tuple(nodes[-1].meta["val"].shape):
-        return None
+        return "a branch whose output is not its input's shape"
     index: dict[torch.fx.Node, int] = {fork: 0}
     inputs = [fork]
 
@@ -297,26 +543,27 @@ def _build(fork, nodes, held, norm, sign) -> ResidualJoin | None:
     steps = []
     for node in nodes:
         if node.op != "call_function":
-            return None
+            return f"a {node.op} node in the branch"
         args, kwargs = map_aggregate(node.args, ref), map_aggregate(dict(node.kwargs), ref)
         steps.append(Step(node.target, tuple(args), dict(kwargs), ref(node).index, node in held))
     branch = ResidualBranch(steps, 0, norm)
-    if not _carried(branch, inputs):
-        return None
-    return ResidualJoin(fork, inputs, branch, sign)
+    problem = _carried(branch, inputs)
+    if problem is not None and any(node.target in MIXING for node in nodes):
+        problem = "an attention branch, which mixes tokens (the forms act per token)"
+    return ResidualJoin(fork, inputs, branch, sign) if problem is None else problem
 
 
-def _carried(branch: ResidualBranch, inputs: list[torch.fx.Node]) -> bool:
-    """Whether the branch's diagonal can be evaluated: tried once on meta tensors of the nodes' example
-    shapes. Symbolic sizes are taken at their example values: evaluating under the graph's own fake
-    mode would guard on them and specialise a symbolic capture (the planner's batch and seq)."""
+def _carried(branch: ResidualBranch, inputs: list[torch.fx.Node]) -> str | None:
+    """Why the branch's diagonal cannot be evaluated, or None: tried once on meta tensors of the nodes'
+    example shapes. Symbolic sizes are taken at their example values: evaluating under the graph's own
+    fake mode would guard on them and specialise a symbolic capture (the planner's batch and seq)."""
     try:
         values = tuple(_example(n.meta.get("val")) for n in inputs)
         with torch.no_grad():
             branch.diagonal(values)
-    except NotCarried:
-        return False
-    return True
+    except NotCarried as reason:
+        return str(reason)
+    return None
 
 
 def _example(value):
@@ -329,6 +576,8 @@ def _example(value):
         return value.node.hint
     if isinstance(value, (int, float, bool)):
         return value
+    if isinstance(value, (tuple, list)):  # a batch norm's (y, mean, rstd)
+        return type(value)(_example(v) if v is not None else None for v in value)
     raise NotCarried(f"an input of type {type(value).__name__}")
 
 

@@ -13,7 +13,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import fxstream
 from fxstream.rules import mean_only_nodes
 from fxstream.rules.residual import residual_joins
-from harness import DTYPE, randn
+from harness import DTYPE, rand, randn
 
 D, K = 4, 6
 
@@ -135,6 +135,185 @@ def test_linearised_residual_equals_the_linearised_predictive() -> None:
     h, variance = randn(5, D), 1e-4 * (1 + torch.rand(5, D, dtype=DTYPE))
     jacobians = torch.func.vmap(torch.func.jacrev(model))(h)
     expected = torch.einsum("bij,bj,bij->bi", jacobians, variance, jacobians)
+    got = fxstream.streamline(model, input_var=variance, residual="linearised", backend="eager")(h).var
+    torch.testing.assert_close(got, expected)
+    independent = fxstream.streamline(model, input_var=variance, backend="eager")(h).var
+    assert not torch.allclose(independent, expected, rtol=1e-2)
+
+
+# Convolutional branches. A geometry: (first kernel, padding, dilation, groups), then the second's.
+C, HIDDEN = 4, 6
+GEOMETRIES = {
+    "basic_3x3": ((3, 1, 1, 1), (3, 1, 1, 1)),
+    "1x1_then_3x3": ((1, 0, 1, 1), (3, 1, 1, 1)),
+    "3x3_then_1x1": ((3, 1, 1, 1), (1, 0, 1, 1)),
+    "5x5_then_3x3": ((5, 2, 1, 1), (3, 1, 1, 1)),
+    "valid_then_full": ((3, 0, 1, 1), (3, 2, 1, 1)),
+    "dilated": ((3, 2, 2, 1), (3, 1, 1, 1)),
+    "grouped": ((3, 1, 1, 2), (3, 1, 1, 2)),
+    "depthwise_then_dense": ((3, 1, 1, C), (1, 0, 1, 1)),
+    "same_string": ((3, "same", 1, 1), (5, "same", 1, 1)),
+}
+
+
+def _batch_norm_stats(channels: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Running mean, running variance, gamma, beta, away from their defaults."""
+    return randn(channels, seed=seed), rand(channels, seed=seed + 1), rand(channels, seed=seed + 2), \
+        randn(channels, seed=seed + 3)
+
+
+def conv_branch(geometry, spatial: int = 2):
+    """conv -> batch norm -> relu -> conv -> batch norm, the torchvision BasicBlock branch, with weights."""
+    (k1, p1, d1, g1), (k2, p2, d2, g2) = geometry
+    hidden = C if g1 == C else HIDDEN
+    conv = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
+    w1 = 0.5 * randn(hidden, C // g1, *[k1] * spatial, seed=1)
+    w2 = 0.5 * randn(C, hidden // g2, *[k2] * spatial, seed=2)
+    bias = randn(hidden, seed=3)
+    bn1, bn2 = _batch_norm_stats(hidden, 10), _batch_norm_stats(C, 20)
+
+    def branch(h):
+        x = conv(h, w1, bias, 1, p1, d1, g1)
+        x = torch.relu(F.batch_norm(x, bn1[0], bn1[1], bn1[2], bn1[3], training=False))
+        x = conv(x, w2, None, 1, p2, d2, g2)
+        return F.batch_norm(x, bn2[0], bn2[1], bn2[2], bn2[3], training=False)
+
+    return branch
+
+
+def _join(block, h):
+    """The residual join of ``block``'s output and diag(J_f) there, evaluated on ``h``."""
+    graph_module = make_fx(block, pre_dispatch=True)(h)
+    joins = residual_joins(graph_module.graph, mean_only_nodes(graph_module.graph, {"norm": "paper"}), "paper")
+    output = next(iter(graph_module.graph.find_nodes(op="output"))).args[0]
+    join = joins.get(output)
+    assert join is not None, "the residual join was not recognised"
+    values = _values(graph_module, h)
+    return join.branch.diagonal(tuple(values[n] for n in join.inputs)).reshape(h.shape)
+
+
+def _jacrev_diagonal(function, h):
+    return torch.func.jacrev(function)(h).reshape(h.numel(), h.numel()).diagonal().reshape(h.shape)
+
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES), ids=str)
+def test_conv_branch_jacobian_diagonal_equals_jacrev(geometry) -> None:
+    branch = conv_branch(GEOMETRIES[geometry])
+    h = 2 * randn(2, C, 5, 6, seed=4)
+    torch.testing.assert_close(_join(lambda x: x + branch(x), h), _jacrev_diagonal(branch, h))
+
+
+@pytest.mark.parametrize("spatial", [1, 3])
+def test_conv1d_and_conv3d_branches(spatial: int) -> None:
+    branch = conv_branch(GEOMETRIES["basic_3x3"], spatial)
+    h = randn(2, C, *[4] * spatial, seed=5)
+    torch.testing.assert_close(_join(lambda x: x + branch(x), h), _jacrev_diagonal(branch, h))
+
+
+def test_one_convolution_branch() -> None:
+    """h + bn(conv(tanh h)): a single square convolution, whose diagonal is its centre tap."""
+    w, bn = randn(C, C, 3, 3, seed=6), _batch_norm_stats(C, 30)
+
+    def branch(h):
+        return F.batch_norm(F.conv2d(torch.tanh(h), w, None, 1, 1), bn[0], bn[1], bn[2], bn[3], training=False)
+
+    h = randn(2, C, 4, 4, seed=7)
+    torch.testing.assert_close(_join(lambda x: x - branch(x), h), _jacrev_diagonal(branch, h))
+
+
+def _captured(model: torch.nn.Module, x: torch.Tensor, **options):
+    """The captured graph of ``model`` as fxstream sees it (functionalised: eval batch norm is
+    _native_batch_norm_legit_no_training), with its placeholders' values, and the warnings raised."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        streamlined = fxstream.streamline(model, input_var=1e-3, backend="eager", **options)
+        streamlined(x)
+    return streamlined.graphs[0].captured, [str(w.message) for w in caught if "residual=" in str(w.message)]
+
+
+def _torchvision_blocks():
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    return BasicBlock, Bottleneck
+
+
+def _randomised(block: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    for module in block.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.3)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0, 0.2)
+    return block.to(DTYPE).eval()
+
+
+def test_torchvision_basic_block_as_captured() -> None:
+    """The captured BasicBlock (functional batch norm, getitem, in-place relu as relu): diag(J_f) = jacrev's."""
+    basic_block, _ = _torchvision_blocks()
+    block = _randomised(basic_block(C, C))
+    x = randn(2, C, 5, 5, seed=8)
+    captured, caught = _captured(block, x, residual="linearised")
+    assert caught == []
+    graph = captured.graph_module.graph
+    joins = residual_joins(graph, mean_only_nodes(graph, {"norm": "paper"}), "paper")
+    assert len(joins) == 1
+    join = next(iter(joins.values()))
+    values = _values(captured.graph_module, *captured.example_inputs)
+    got = join.branch.diagonal(tuple(values[n] for n in join.inputs)).reshape(x.shape)
+
+    def branch(h):
+        return block.bn2(block.conv2(block.relu(block.bn1(block.conv1(h)))))
+
+    torch.testing.assert_close(got, _jacrev_diagonal(branch, x))
+
+
+def test_bottleneck_and_downsampling_joins_warn_once() -> None:
+    """A bottleneck has three convolutions and a downsampling block maps both paths: the forms carry
+    neither, and one warning says how many joins were left and why."""
+    basic_block, bottleneck = _torchvision_blocks()
+    model = torch.nn.Sequential(
+        basic_block(C, 2 * C, downsample=torch.nn.Sequential(torch.nn.Conv2d(C, 2 * C, 1), torch.nn.BatchNorm2d(2 * C))),
+        basic_block(2 * C, 2 * C),
+        bottleneck(2 * C, C // 2), bottleneck(2 * C, C // 2),
+    )
+    model = _randomised(model)
+    x = randn(1, C, 4, 4, seed=9)
+    _, caught = _captured(model, x, residual="linearised")
+    assert len(caught) == 1, caught
+    assert "covered 1 of 4" in caught[0] and "1 with maps on both paths" in caught[0]
+    assert "2 with more than two linear maps or convolutions" in caught[0]
+    _, paper = _captured(model, x)
+    assert paper == []
+
+
+class _ConvResidualBlock(torch.nn.Module):
+    """relu(h + bn2(conv3x3(tanh(bn1(conv1x1(h)))))), the 1x1 kernel a scaled channel permutation: every
+    hidden element reads one input element, so diagonal activations lose nothing inside the branch and only
+    the skip/branch covariance is at stake."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(C, C, 1)
+        self.conv2 = torch.nn.Conv2d(C, C, 3, padding=1)
+        self.bn1, self.bn2 = torch.nn.BatchNorm2d(C), torch.nn.BatchNorm2d(C)
+        with torch.no_grad():
+            self.conv1.weight.copy_((1.5 * torch.eye(C)[torch.randperm(C)]).reshape(C, C, 1, 1))
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, h):
+        return torch.relu(h + self.bn2(self.conv2(torch.tanh(self.bn1(self.conv1(h))))))
+
+
+def test_linearised_conv_residual_equals_the_linearised_predictive() -> None:
+    model = _randomised(_ConvResidualBlock())
+    h = randn(3, C, 5, 5, seed=10)
+    variance = 1e-4 * (1 + torch.rand(h.shape, dtype=DTYPE))
+    jacobians = torch.func.vmap(torch.func.jacrev(lambda x: model(x[None])[0]))(h).reshape(3, h[0].numel(), -1)
+    expected = torch.einsum("bij,bj,bij->bi", jacobians, variance.reshape(3, -1), jacobians).reshape(h.shape)
     got = fxstream.streamline(model, input_var=variance, residual="linearised", backend="eager")(h).var
     torch.testing.assert_close(got, expected)
     independent = fxstream.streamline(model, input_var=variance, backend="eager")(h).var
