@@ -295,8 +295,12 @@ class Planner:
         return cov.diagonal(dim1=-2, dim2=-1).reshape(-1) if paired.cov_kinds[0] == "full" else cov.reshape(-1)
 
     def _example(self, placeholder):
-        return next(a for a in self.sym.example_args if a is placeholder.tensor or
-                    (isinstance(a, torch.Tensor) and a.shape == placeholder.tensor.shape))
+        """The calibration tensor of a model input placeholder: the example argument it was captured from."""
+        for arg in self.sym.example_args:
+            if arg is placeholder.tensor:
+                return arg
+        raise FxstreamError(f"graph input '{placeholder.name}' of shape {tuple(placeholder.tensor.shape)} is none of "
+                            "the example inputs; capture classified it as a model input, but it is not one")
 
     def _calibrate(self, structure: str) -> bool:
         usable = False
@@ -329,7 +333,12 @@ class Planner:
         return frozenset(choice)
 
     def _reference(self) -> tuple[str, torch.Tensor]:
+        # Richer activations only where they cover as many layers: a "full" reference that leaves out
+        # the layers "full" cannot afford would score every plan without them as perfect.
+        covered = {s: len(self.richest(s)) for s in self.structures}
         for structure in reversed(self.structures):
+            if covered[structure] < max(covered.values()):
+                continue
             if self.report(self.richest(structure), structure).total_at(self.sym.example_sizes) <= self.reference_budget:
                 return structure, self.output_variance(self.richest(structure), structure)
         structure = self.structures[0]
