@@ -37,7 +37,7 @@ def mlp_planner() -> Planner:
 
 def _paired(model: torch.nn.Module, args: tuple, dims: dict, structure: str = "diag"):
     """(symbolic capture, pruned paired graph) of ``model`` with every parameter Bayesian."""
-    from fxstream.backend import _sources
+    from fxstream.pipeline import _sources
     from fxstream.passes import pair, prune
 
     sym = capture_symbolic(model, args, dims)
