@@ -14,7 +14,7 @@ from .errors import (
 from .importers import from_ivon, from_laplace
 from . import pipeline
 from .planner import BudgetError, Plan, plan
-from .posterior import KFAC, Dense, Diagonal, LowRank, Mixed, ParameterCovariance, Posterior
+from .posterior import KFAC, Dense, Diagonal, LowRank, Mixed, ParameterCovariance, Posterior, load_posterior
 from .predictive import Predictive
 from .select import last_blocks, select
 
@@ -42,6 +42,7 @@ __all__ = [
     "from_ivon",
     "from_laplace",
     "last_blocks",
+    "load_posterior",
     "predictive",
     "select",
     "streamline",
