@@ -5,6 +5,7 @@ from .backend import StreamlineOptions, predictive, streamline_backend
 from .errors import (
     CaptureError,
     FxstreamError,
+    FxstreamWarning,
     GraphBreakError,
     NoPredictiveError,
     PassError,
@@ -30,6 +31,7 @@ __all__ = [
     "Mixed",
     "ParameterCovariance",
     "FxstreamError",
+    "FxstreamWarning",
     "GraphBreakError",
     "NoPredictiveError",
     "PassError",

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -42,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from ..backend import StreamlineOptions
-from ..errors import FxstreamError
+from ..errors import FxstreamError, FxstreamWarning
 from ..passes import PairedGraph
 from ..pipeline import rewrite
 from ..posterior import Diagonal, Posterior
@@ -429,6 +430,10 @@ def choose(planner: Planner, budget: int | str, sizes: Mapping[str, int] | None 
     rows = _rows(planner, choice, structure, report)
     plan = Plan(structure, rows, dict(sizes), budget, fidelity, report, posterior,
                 limits=_limits(report, budget, sizes, model_bounds(planner.model)), reference=planner.reference)
+    left = [row for row in rows if row.structure == "none"]
+    if left:
+        warnings.warn(f"the plan leaves {len(left)} of the posterior's {len(rows)} layers deterministic: "
+                      + "; ".join(f"{row.layer} ({row.reason})" for row in left), FxstreamWarning, stacklevel=2)
     return plan
 
 
