@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._compat import make_torchvision_importable
 from ..errors import FxstreamError
 from .symbolic import Dims
 
@@ -113,6 +114,8 @@ def load(spec: str, seed: int = 0) -> Target:
         make, package = BUILTINS[spec]
         if package is not None and importlib.util.find_spec(package) is None:
             raise FxstreamError(f"target '{spec}' needs the '{package}' package: pip install {package}")
+        if package == "transformers":  # transformers imports torchvision, which needs help on a CPU torch
+            make_torchvision_importable()
         target = make()
     elif ":" in spec:
         target = _from_callable(spec)
