@@ -30,7 +30,6 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import fxstream
-from fxstream._compat import make_torchvision_importable
 
 DTYPE = torch.float64
 
@@ -170,7 +169,6 @@ CASES = ("small", "small-features", "small-full", "resnet18")
 
 
 def main() -> None:
-    make_torchvision_importable()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--resnet18-samples", type=int, default=1000, help="Monte Carlo samples for ResNet-18")

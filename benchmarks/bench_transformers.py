@@ -36,7 +36,6 @@ from tabulate import tabulate
 from torch.utils.flop_counter import FlopCounterMode
 from timing import CLOCK_HELP, CLOCKS, median_seconds
 
-from fxstream._compat import make_torchvision_importable
 from fxstream.planner.measure import profiler_peak
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,7 +258,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall", help=CLOCK_HELP)
     args = parser.parse_args()
-    make_torchvision_importable()  # transformers imports torchvision, which needs it on the CPU torch
     if args.threads:
         torch.set_num_threads(args.threads)
     text = accuracy(args.samples, args.tiny_models) if args.accuracy else table(args)

@@ -9,6 +9,7 @@ from .backend import StreamlineOptions, predictive, streamline_backend
 from .errors import (
     CaptureError,
     FxstreamError,
+    FxstreamWarning,
     GraphBreakError,
     NoPredictiveError,
     PassError,
@@ -18,7 +19,7 @@ from .errors import (
 from .importers import from_ivon, from_laplace
 from . import pipeline
 from .planner import BudgetError, Plan, plan
-from .posterior import KFAC, Dense, Diagonal, LowRank, Mixed, ParameterCovariance, Posterior
+from .posterior import KFAC, Dense, Diagonal, LowRank, Mixed, ParameterCovariance, Posterior, load_posterior
 from .predictive import Predictive
 from .select import last_blocks, select
 
@@ -34,6 +35,7 @@ __all__ = [
     "Mixed",
     "ParameterCovariance",
     "FxstreamError",
+    "FxstreamWarning",
     "GraphBreakError",
     "NoPredictiveError",
     "PassError",
@@ -46,6 +48,7 @@ __all__ = [
     "from_ivon",
     "from_laplace",
     "last_blocks",
+    "load_posterior",
     "predictive",
     "select",
     "streamline",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ import torch
 import torch._dynamo
 
 from .backend import StreamlineOptions, Streamlined, compile_streamlined, predictive
-from .errors import FxstreamError, GraphBreakError
+from .errors import FxstreamError, FxstreamWarning, GraphBreakError
 from .posterior import Posterior
 from .predictive import Predictive
 
@@ -183,7 +184,15 @@ def streamline(
         if example_inputs is None or posterior is None:
             raise FxstreamError("budget= needs a posterior and example_inputs= (a typical call's inputs)")
         chosen = plan(model, example_inputs, posterior, budget, sizes=sizes, rule_options=rule_options)
+        if activation_cov != "diag" and chosen.activation_cov != activation_cov:
+            warnings.warn(f"with budget= the plan chooses the activation covariance: it chose "
+                          f"'{chosen.activation_cov}', so activation_cov='{activation_cov}' has no effect",
+                          FxstreamWarning, stacklevel=2)
         posterior, activation_cov = chosen.posterior, chosen.activation_cov
+    elif example_inputs is not None or sizes is not None:
+        given = " and ".join(n for n, v in (("example_inputs=", example_inputs), ("sizes=", sizes)) if v is not None)
+        warnings.warn(f"{given} only serve the memory planner and have no effect without budget=",
+                      FxstreamWarning, stacklevel=2)
     if posterior is not None and isinstance(posterior, Posterior):
         posterior.validate(dict(model.named_parameters()))
     options = StreamlineOptions(

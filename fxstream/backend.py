@@ -8,6 +8,7 @@ covariance in a weak table keyed by the output tensor itself;
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 import torch.fx
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .errors import FxstreamError, NoPredictiveError, PosteriorMismatchError
+from .errors import FxstreamError, FxstreamWarning, NoPredictiveError, PosteriorMismatchError
 from .passes import CapturedGraph, PairedGraph, PruneReport, capture, lower
 from .pipeline import rewrite
 from .posterior import Posterior
@@ -75,6 +76,13 @@ class StreamlineOptions:
                 f"posterior must be an fxstream posterior such as fxstream.Diagonal, got "
                 f"{type(self.posterior).__name__}"
             )
+        if self.likelihood == "classification" and self.sigma_noise is not None:
+            warnings.warn("sigma_noise is the observation noise of regression; with likelihood='classification' "
+                          "it has no effect", FxstreamWarning, stacklevel=3)
+        if self.rule_options.get("residual") == "linearised" and self.activation_cov == "full":
+            warnings.warn("residual='linearised' adds the branch covariance for diagonal activations only; with "
+                          "activation_cov='full' every residual add stays independent, as under 'paper'",
+                          FxstreamWarning, stacklevel=3)
 
 
 @dataclass

@@ -18,11 +18,13 @@ the probit approximation.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -41,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", choices=("inductor", "eager"), default="inductor",
                         help="how fxstream runs its rewritten graph (default inductor)")
     parser.add_argument("--repeats", type=_positive, default=5, help="timed prediction runs per method (median)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the results as JSON on stdout (progress and notes go to stderr)")
     parser.set_defaults(run=run)
 
 
@@ -106,10 +110,10 @@ def monte_carlo_probs(model: nn.Module, variances: dict[str, torch.Tensor], x: t
     total = 0
     for start in range(0, samples, chunk):
         size = min(chunk, samples - start)
-        theta = {
+        theta = {  # noise drawn on the generator's device, the same draws wherever the model runs
             name: p.expand(size, *p.shape) + (
-                torch.randn(size, *p.shape, generator=generator) * variances[name].sqrt()
-                if name in variances else 0)
+                torch.randn(size, *p.shape, generator=generator, device=generator.device).to(p.device)
+                * variances[name].sqrt() if name in variances else 0)
             for name, p in params.items()
         }
         total = total + forward(theta).sum(0)
@@ -119,14 +123,21 @@ def monte_carlo_probs(model: nn.Module, variances: dict[str, torch.Tensor], x: t
 
 
 def timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float]:
-    """The result of the first call and the median wall time (seconds) over ``repeats`` calls."""
+    """The result of the first call and the median wall time (seconds) over ``repeats`` calls
+    (on a GPU, up to the end of the work each call queued)."""
     times, result = [], None
     for _ in range(repeats):
         start = time.perf_counter()
         out = fn()
+        _synchronize(out)
         times.append(time.perf_counter() - start)
         result = out if result is None else result
     return result, statistics.median(times)
+
+
+def _synchronize(out: Any) -> None:
+    if isinstance(out, torch.Tensor) and out.is_cuda:
+        torch.cuda.synchronize(out.device)
 
 
 @dataclass
@@ -141,8 +152,12 @@ class Row:
     compile_seconds: float = 0.0
 
 
-def evaluate(seed: int, epochs: int, backend: str, repeats: int) -> list[Row]:
-    """Train, fit the posterior, predict the test split with every method; one Row per method."""
+def evaluate(seed: int, epochs: int, backend: str, repeats: int, device: str = "cpu",
+             log: Callable[[str], None] = print) -> list[Row]:
+    """Train, fit the posterior, predict the test split with every method; one Row per method.
+
+    Everything runs on ``device``; ``log`` prints the notes between the steps.
+    """
     from laplace import Laplace
     from tqdm.auto import tqdm
 
@@ -150,17 +165,17 @@ def evaluate(seed: int, epochs: int, backend: str, repeats: int) -> list[Row]:
     from fxstream.metrics import accuracy, ece, nlpd
 
     torch.manual_seed(seed)
-    x_train, y_train, x_test, y_test = load_digits_split(seed)
+    x_train, y_train, x_test, y_test = (t.to(device) for t in load_digits_split(seed))
     held_out = len(x_train) // 5
     x_val, y_val, x_train, y_train = x_train[:held_out], y_train[:held_out], x_train[held_out:], y_train[held_out:]
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x_train, y_train), batch_size=64, shuffle=True,
         generator=torch.Generator().manual_seed(seed))
     val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_val, y_val), batch_size=256)
-    model = make_mlp(x_train.shape[1])
+    model = make_mlp(x_train.shape[1]).to(device)
     train(model, loader, epochs)
 
-    print("fitting a diagonal Laplace posterior (laplace-torch), prior precision by grid search on a validation split")
+    log("fitting a diagonal Laplace posterior (laplace-torch), prior precision by grid search on a validation split")
     la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag")
     la.fit(loader)
     with warnings.catch_warnings():  # laplace-torch always warns that its default link is probit
@@ -169,10 +184,11 @@ def evaluate(seed: int, epochs: int, backend: str, repeats: int) -> list[Row]:
                                     val_loader=val_loader, progress_bar=False)
     posterior = fxstream.from_laplace(la)
     precisions = ", ".join(f"{p:.3g}" for p in la.prior_precision.tolist())
-    print(f"posterior: {posterior}; prior precision per parameter tensor: {precisions}")
+    log(f"posterior: {posterior}; prior precision per parameter tensor: {precisions}")
 
     def row(method: str, probs: torch.Tensor, seconds: float, compile_seconds: float = 0.0) -> Row:
-        return Row(method, accuracy(probs, y_test), nlpd(probs, y_test), ece(probs, y_test), seconds,
+        probs, targets = probs.cpu(), y_test.cpu()
+        return Row(method, accuracy(probs, targets), nlpd(probs, targets), ece(probs, targets), seconds,
                    compile_seconds)
 
     rows = []
@@ -184,10 +200,10 @@ def evaluate(seed: int, epochs: int, backend: str, repeats: int) -> list[Row]:
                 rows.append(row(f"MC-{samples}", *timed(lambda: monte_carlo_probs(
                     model, posterior.variances, x_test, samples, generator, progress=bar), repeats)))
 
-    print(f"streamlining the model (backend={backend}); the first call captures and compiles it")
+    log(f"streamlining the model (backend={backend}); the first call captures and compiles it")
     streamlined = fxstream.streamline(model, posterior, likelihood="classification", backend=backend)
     start = time.perf_counter()
-    streamlined(x_test)
+    _synchronize(streamlined(x_test).var)
     compile_seconds = time.perf_counter() - start
     probs, seconds = timed(lambda: streamlined(x_test).probs("probit"), repeats)
     rows.append(row(f"fxstream ({backend}, probit)", probs, seconds, compile_seconds))
@@ -195,14 +211,21 @@ def evaluate(seed: int, epochs: int, backend: str, repeats: int) -> list[Row]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``fxstream demo``: evaluate every method and print the table."""
+    """``fxstream demo``: evaluate every method and print the table (or JSON)."""
     from tabulate import tabulate
 
-    rows = evaluate(args.seed, args.epochs, args.backend, args.repeats)
+    device = getattr(args, "device", "cpu")
+    log = (lambda text: print(text, file=sys.stderr)) if args.json else print
+    rows = evaluate(args.seed, args.epochs, args.backend, args.repeats, device=device, log=log)
+    setting = (f"digits, 30% stratified test split; MLP 64-{HIDDEN}-{HIDDEN}-{CLASSES}; seed {args.seed}; "
+               f"prediction time: median of {args.repeats} runs")
+    if args.json:
+        print(json.dumps({"setting": setting, "seed": args.seed, "epochs": args.epochs, "backend": args.backend,
+                          "device": device, "repeats": args.repeats, "rows": [asdict(r) for r in rows]}, indent=2))
+        return 0
     table = [(r.method, r.accuracy, r.nlpd, r.ece, 1e3 * r.predict_seconds, r.compile_seconds) for r in rows]
     print()
-    print(f"digits, 30% stratified test split; MLP 64-{HIDDEN}-{HIDDEN}-{CLASSES}; seed {args.seed}; "
-          f"prediction time: median of {args.repeats} runs")
+    print(setting)
     print(tabulate(table, headers=("method", "accuracy", "NLPD", "ECE (15 bins)", "predict (ms)", "compile (s)"),
                    floatfmt=(None, ".4f", ".4f", ".4f", ".2f", ".1f")))
     return 0

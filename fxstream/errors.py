@@ -7,6 +7,10 @@ class FxstreamError(Exception):
     """Base class of every error fxstream raises on purpose."""
 
 
+class FxstreamWarning(UserWarning):
+    """Something given to fxstream has no effect, or a plan leaves a requested layer deterministic."""
+
+
 class UnsupportedOpError(FxstreamError):
     """Ops receive an uncertain input but fxstream has no rule for them (nor a decomposition into ruled ops).
 

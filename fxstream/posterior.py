@@ -8,13 +8,15 @@ uncertain one.
 
 from __future__ import annotations
 
+import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .errors import PosteriorMismatchError
+from .errors import FxstreamError, PosteriorMismatchError
 from .rules.weights import AFFINE_BIAS, marginal_variance
 
 
@@ -48,6 +50,25 @@ class Posterior(ABC):
     @abstractmethod
     def validate(self, parameters: Mapping[str, torch.Tensor]) -> None:
         """Raise PosteriorMismatchError unless the posterior fits these parameters."""
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the posterior to one safetensors file: its tensors, and its structure and parameter
+        names in the file's metadata. :func:`load_posterior` reads it back exactly."""
+        tensors: dict[str, torch.Tensor] = {}
+        structure = self._state("", tensors)
+        metadata = {"format": FILE_FORMAT, "version": str(FILE_VERSION), "structure": json.dumps(structure)}
+        from safetensors.torch import save_file
+
+        save_file(tensors, os.fspath(path), metadata=metadata)
+
+    def _state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
+        """This posterior's structure (JSON), its tensors added to ``tensors`` under keys starting with ``prefix``.
+
+        The default stores every parameter's covariance as the rules consume it; it loads as a
+        posterior with exactly those covariances.
+        """
+        entries = {name: self.covariance(name) for name in self.parameter_names()}
+        return {"type": "Entries", "entries": _entries_state(entries, prefix, tensors)}
 
     def to_diagonal(self) -> Diagonal:
         """The diagonal posterior with the same (exact) marginal variance of every entry."""
@@ -90,7 +111,7 @@ class Diagonal(Posterior):
                     f"variance of parameter '{name}' has negative entries (min {worst:.3g}); "
                     "variances must be >= 0"
                 )
-            checked[name] = var
+            checked[name] = var.contiguous()
         self.variances = checked
 
     def parameter_names(self) -> list[str]:
@@ -101,6 +122,14 @@ class Diagonal(Posterior):
 
     def validate(self, parameters: Mapping[str, torch.Tensor]) -> None:
         _check_shapes({name: tuple(var.shape) for name, var in self.variances.items()}, parameters, "variance")
+
+    def _state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
+        return {"type": "Diagonal", "variances": {name: _put(tensors, f"{prefix}{name}", var)
+                                                 for name, var in self.variances.items()}}
+
+    @classmethod
+    def _from_state(cls, state: dict, tensors: Mapping[str, torch.Tensor]) -> Diagonal:
+        return cls({name: _get(tensors, key) for name, key in state["variances"].items()})
 
     def __repr__(self) -> str:
         n = sum(v.numel() for v in self.variances.values())
@@ -134,7 +163,9 @@ def _checked(name: str, tensor: torch.Tensor, what: str) -> torch.Tensor:
         raise PosteriorMismatchError(f"{what} of parameter '{name}' must be floating point, got {tensor.dtype}")
     if not torch.isfinite(tensor).all():
         raise PosteriorMismatchError(f"{what} of parameter '{name}' has non-finite entries")
-    return tensor
+    # Contiguous, as a saved posterior loads (a file keeps no strides): the same memory layout gives the
+    # same rounding in the rules' products (torch.linalg.eigh's column-major eigenvectors would not).
+    return tensor.contiguous()
 
 
 def _checked_covariance(name: str, cov: torch.Tensor, size: int | None = None) -> torch.Tensor:
@@ -287,6 +318,15 @@ class KFAC(Posterior):
             if cov.shape is not None and cov.shape != shape:
                 raise PosteriorMismatchError(f"KFAC of parameter '{name}' is for shape {cov.shape}, the parameter has {shape}")
 
+    def _state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
+        return {"type": "KFAC", "entries": _entries_state(self._entries, prefix, tensors)}
+
+    @classmethod
+    def _from_state(cls, state: dict, tensors: Mapping[str, torch.Tensor]) -> KFAC:
+        posterior = cls.__new__(cls)
+        posterior._entries = _entries_from_state(state["entries"], tensors)
+        return posterior
+
     def __repr__(self) -> str:
         return f"KFAC({len(self._entries)} parameters)"
 
@@ -395,6 +435,17 @@ class Dense(Posterior):
     def validate(self, parameters: Mapping[str, torch.Tensor]) -> None:
         _check_shapes({n: self._shapes[n] for n in self._entries}, parameters, "covariance")
 
+    def _state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
+        return {"type": "Dense", "shapes": {name: list(shape) for name, shape in self._shapes.items()},
+                "entries": _entries_state(self._entries, prefix, tensors)}
+
+    @classmethod
+    def _from_state(cls, state: dict, tensors: Mapping[str, torch.Tensor]) -> Dense:
+        posterior = cls.__new__(cls)
+        posterior._shapes = {name: tuple(shape) for name, shape in state["shapes"].items()}
+        posterior._entries = _entries_from_state(state["entries"], tensors)
+        return posterior
+
     def __repr__(self) -> str:
         return f"Dense({len(self._entries)} parameters)"
 
@@ -473,6 +524,16 @@ class LowRank(Posterior):
     def validate(self, parameters: Mapping[str, torch.Tensor]) -> None:
         _check_shapes({n: tuple(d.shape) for n, d in self._diagonal.items()}, parameters, "diagonal")
 
+    def _state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
+        return {"type": "LowRank",
+                "diagonal": {n: _put(tensors, f"{prefix}{n}.diagonal", d) for n, d in self._diagonal.items()},
+                "factors": {n: _put(tensors, f"{prefix}{n}.factor", u) for n, u in self._factors.items()}}
+
+    @classmethod
+    def _from_state(cls, state: dict, tensors: Mapping[str, torch.Tensor]) -> LowRank:
+        return cls({n: _get(tensors, k) for n, k in state["diagonal"].items()},
+                   {n: _get(tensors, k) for n, k in state["factors"].items()})
+
     def __repr__(self) -> str:
         rank = next(iter(self._factors.values())).shape[0] if self._factors else 0
         return f"LowRank({len(self._diagonal)} parameters, rank {rank})"
@@ -509,5 +570,133 @@ class Mixed(Posterior):
         for part in self.parts:
             part.validate(parameters)
 
+    def _state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
+        return {"type": "Mixed", "parts": [part._state(f"{prefix}part{i}/", tensors)
+                                           for i, part in enumerate(self.parts)]}
+
+    @classmethod
+    def _from_state(cls, state: dict, tensors: Mapping[str, torch.Tensor]) -> Mixed:
+        return cls(*(_from_state(part, tensors) for part in state["parts"]))
+
     def __repr__(self) -> str:
         return "Mixed(" + ", ".join(repr(p) for p in self.parts) + ")"
+
+
+class _Entries(Posterior):
+    """A saved posterior of a type fxstream has no file structure for: each parameter's covariance
+    exactly as the rules consume it (what :meth:`Posterior.save` writes by default)."""
+
+    def __init__(self, entries: Mapping[str, ParameterCovariance]) -> None:
+        self._entries = dict(entries)
+
+    def parameter_names(self) -> list[str]:
+        return list(self._entries)
+
+    def covariance(self, name: str) -> ParameterCovariance:
+        return self._entries[name]
+
+    def validate(self, parameters: Mapping[str, torch.Tensor]) -> None:
+        _check_shapes({name: tuple(marginal_variance(cov.kind, cov.tensors, cov.shape).shape)
+                       for name, cov in self._entries.items()}, parameters, "covariance")
+
+    def _state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
+        return {"type": "Entries", "entries": _entries_state(self._entries, prefix, tensors)}
+
+    @classmethod
+    def _from_state(cls, state: dict, tensors: Mapping[str, torch.Tensor]) -> _Entries:
+        return cls(_entries_from_state(state["entries"], tensors))
+
+    def __repr__(self) -> str:
+        return f"Posterior({len(self._entries)} parameters, saved covariances)"
+
+
+FILE_FORMAT = "fxstream.posterior"
+FILE_VERSION = 1
+_TYPES = {"Diagonal": Diagonal, "KFAC": KFAC, "Dense": Dense, "LowRank": LowRank, "Mixed": Mixed,
+          "Entries": _Entries}
+
+
+def _put(tensors: dict[str, torch.Tensor], key: str, tensor: torch.Tensor) -> str:
+    """Store a copy of ``tensor`` (on the CPU, contiguous, owning its memory) under a key not taken yet."""
+    unique, n = key, 1
+    while unique in tensors:
+        unique, n = f"{key}~{n}", n + 1
+    tensors[unique] = tensor.detach().to("cpu", copy=True).contiguous()
+    return unique
+
+
+def _get(tensors: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in tensors:
+        raise FxstreamError(f"the posterior file names tensor '{key}', which it does not hold; the file is damaged")
+    return tensors[key]
+
+
+def _entries_state(entries: Mapping[str, ParameterCovariance], prefix: str,
+                   tensors: dict[str, torch.Tensor]) -> list[dict]:
+    """Covariances as the rules consume them; a tensor shared by two parameters (a layer's joint
+    weight-bias block) is stored once and shared again on loading."""
+    stored: dict[int, str] = {}
+    state = []
+    for name, cov in entries.items():
+        keys = []
+        for i, tensor in enumerate(cov.tensors):
+            if id(tensor) not in stored:
+                stored[id(tensor)] = _put(tensors, f"{prefix}{name}.{cov.kind.removeprefix('param_')}.{i}", tensor)
+            keys.append(stored[id(tensor)])
+        state.append({"name": name, "kind": cov.kind, "tensors": keys,
+                      "shape": None if cov.shape is None else list(cov.shape)})
+    return state
+
+
+def _entries_from_state(state: list[dict], tensors: Mapping[str, torch.Tensor]) -> dict[str, ParameterCovariance]:
+    return {entry["name"]: ParameterCovariance(entry["kind"], tuple(_get(tensors, k) for k in entry["tensors"]),
+                                               None if entry["shape"] is None else tuple(entry["shape"]))
+            for entry in state}
+
+
+def _from_state(state: dict, tensors: Mapping[str, torch.Tensor]) -> Posterior:
+    kind = state.get("type") if isinstance(state, dict) else None
+    if kind not in _TYPES:
+        raise FxstreamError(f"the posterior file holds a structure '{kind}' this version of fxstream does not know; "
+                            f"it reads {sorted(_TYPES)}")
+    return _TYPES[kind]._from_state(state, tensors)
+
+
+def is_posterior_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a safetensors file (an 8-byte header length, then a JSON header)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and int.from_bytes(head[:8], "little") > 0 and head[8:9] == b"{"
+
+
+def load_posterior(path: str | os.PathLike, model: torch.nn.Module | None = None, *,
+                   device: str | torch.device = "cpu") -> Posterior:
+    """The posterior :meth:`Posterior.save` wrote to ``path``, with its tensors on ``device``.
+
+    With ``model``, the posterior is checked against its parameters: a name the model lacks or a
+    shape that does not fit raises :class:`PosteriorMismatchError` naming the parameter.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not is_posterior_file(path):
+        raise FxstreamError(f"'{os.fspath(path)}' is not a posterior file: fxstream writes them with "
+                            "posterior.save(path) (safetensors)")
+    try:
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as file:
+            metadata = file.metadata() or {}
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except (OSError, SafetensorError) as error:
+        raise FxstreamError(f"cannot read the posterior file '{os.fspath(path)}': {error}") from None
+    if metadata.get("format") != FILE_FORMAT or "structure" not in metadata:
+        raise FxstreamError(f"'{os.fspath(path)}' is a safetensors file but not an fxstream posterior (its metadata "
+                            "has no fxstream structure); write one with posterior.save(path)")
+    if int(metadata.get("version", 0)) > FILE_VERSION:
+        raise FxstreamError(f"the posterior file '{os.fspath(path)}' has format version {metadata['version']}; this "
+                            f"fxstream reads up to version {FILE_VERSION}: upgrade fxstream")
+    posterior = _from_state(json.loads(metadata["structure"]), tensors)
+    if model is not None:
+        posterior.validate(dict(model.named_parameters()))
+    return posterior

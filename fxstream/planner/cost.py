@@ -145,7 +145,14 @@ def batch_expr(sym: SymbolicCapture) -> sympy.Expr:
 
 
 def covariance_bytes(sym: SymbolicCapture, mean_value, structure: str) -> sympy.Expr:
-    """Bytes of the covariance of a tensor with this mean, in the given structure."""
+    """Bytes of the covariance of a tensor with this mean, in the given structure.
+
+    For an op with several outputs (eval batch norm's (y, mean, rstd)), the covariances of its
+    floating-point outputs; integer outputs (indices) carry none.
+    """
+    if isinstance(value := mean_value, (list, tuple)):
+        return sympy.Add(*(covariance_bytes(sym, v, structure) for v in value
+                           if isinstance(v, torch.Tensor) and torch.is_floating_point(v)))
     if structure == "full":
         batch = batch_expr(sym)
         per_sample = tensor_bytes(sym, mean_value) / _itemsize(mean_value) / batch

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -42,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from ..backend import StreamlineOptions
-from ..errors import FxstreamError
+from ..errors import FxstreamError, FxstreamWarning
 from ..passes import PairedGraph
 from ..pipeline import rewrite
 from ..posterior import Diagonal, Posterior
@@ -295,8 +296,12 @@ class Planner:
         return cov.diagonal(dim1=-2, dim2=-1).reshape(-1) if paired.cov_kinds[0] == "full" else cov.reshape(-1)
 
     def _example(self, placeholder):
-        return next(a for a in self.sym.example_args if a is placeholder.tensor or
-                    (isinstance(a, torch.Tensor) and a.shape == placeholder.tensor.shape))
+        """The calibration tensor of a model input placeholder: the example argument it was captured from."""
+        for arg in self.sym.example_args:
+            if arg is placeholder.tensor:
+                return arg
+        raise FxstreamError(f"graph input '{placeholder.name}' of shape {tuple(placeholder.tensor.shape)} is none of "
+                            "the example inputs; capture classified it as a model input, but it is not one")
 
     def _calibrate(self, structure: str) -> bool:
         usable = False
@@ -329,7 +334,12 @@ class Planner:
         return frozenset(choice)
 
     def _reference(self) -> tuple[str, torch.Tensor]:
+        # Richer activations only where they cover as many layers: a "full" reference that leaves out
+        # the layers "full" cannot afford would score every plan without them as perfect.
+        covered = {s: len(self.richest(s)) for s in self.structures}
         for structure in reversed(self.structures):
+            if covered[structure] < max(covered.values()):
+                continue
             if self.report(self.richest(structure), structure).total_at(self.sym.example_sizes) <= self.reference_budget:
                 return structure, self.output_variance(self.richest(structure), structure)
         structure = self.structures[0]
@@ -420,6 +430,10 @@ def choose(planner: Planner, budget: int | str, sizes: Mapping[str, int] | None 
     rows = _rows(planner, choice, structure, report)
     plan = Plan(structure, rows, dict(sizes), budget, fidelity, report, posterior,
                 limits=_limits(report, budget, sizes, model_bounds(planner.model)), reference=planner.reference)
+    left = [row for row in rows if row.structure == "none"]
+    if left:
+        warnings.warn(f"the plan leaves {len(left)} of the posterior's {len(rows)} layers deterministic: "
+                      + "; ".join(f"{row.layer} ({row.reason})" for row in left), FxstreamWarning, stacklevel=2)
     return plan
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import warnings
 
 import torch
 
-from ..errors import FxstreamError
-from ..posterior import Diagonal
+from ..errors import FxstreamError, FxstreamWarning
+from ..posterior import Diagonal, Posterior, is_posterior_file
+from ..posterior import load_posterior as load_posterior_file
 from ..rules import RULE_OPTIONS
 from .plan import Planner, choose, parse_bytes
 from .targets import Target, available, load
@@ -27,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--activation-cov", choices=("auto", "diag", "full"), default="auto",
                         help="activation covariance structures to consider (default auto: diag and full)")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    parser.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
     parser.set_defaults(run=run)
 
 
@@ -36,13 +39,17 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a built-in model ({', '.join(available())}) or module:callable returning "
                              "(model, example_input)")
     parser.add_argument("--posterior", metavar="FILE",
-                        help="torch.save'd dict of parameter name -> variance tensor (a diagonal posterior); "
-                             "default: every parameter with variance --variance")
-    parser.add_argument("--variance", type=float, default=1e-3,
-                        help="variance of every parameter when no --posterior is given (default 1e-3)")
+                        help="a posterior file written by posterior.save(FILE) (any structure), or a torch.save'd "
+                             "dict of parameter name -> variance tensor (diagonal); default: every parameter "
+                             "with variance --variance")
+    parser.add_argument("--variance", type=float, default=None,
+                        help=f"variance of every parameter when no --posterior is given (default {DEFAULT_VARIANCE})")
     for name, choices in RULE_OPTIONS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", choices=choices, default=choices[0],
                             help=f"fxstream.streamline's {name}= (default {choices[0]})")
+
+
+DEFAULT_VARIANCE = 1e-3
 
 
 def rule_options(args: argparse.Namespace) -> dict[str, str]:
@@ -67,23 +74,45 @@ def _positive(text: str) -> int:
     return value
 
 
-def load_posterior(target: Target, path: str | None, variance: float) -> Diagonal:
-    """The diagonal posterior from FILE, or ``variance`` on every parameter."""
+def load_posterior(target: Target, path: str | None, variance: float | None) -> Posterior:
+    """The posterior in FILE (a posterior file, or a dict of variances), or ``variance`` on every parameter.
+
+    Checked against the target's parameters: a name or shape that does not fit names the parameter.
+    """
+    parameters = dict(target.model.named_parameters())
     if path is None:
-        return Diagonal({n: torch.full_like(p, variance) for n, p in target.model.named_parameters()})
-    try:
-        variances = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise FxstreamError(f"cannot read the posterior file '{path}': {str(error).splitlines()[0]}") from None
-    if not isinstance(variances, dict):
-        raise FxstreamError(f"the posterior file '{path}' must hold a dict of parameter name -> variance tensor")
-    posterior = Diagonal(variances)
-    posterior.validate(dict(target.model.named_parameters()))
+        variance = DEFAULT_VARIANCE if variance is None else variance
+        return Diagonal({n: torch.full_like(p, variance) for n, p in parameters.items()})
+    if variance is not None:
+        warnings.warn("--variance has no effect with --posterior", FxstreamWarning, stacklevel=2)
+    device = next(iter(parameters.values())).device if parameters else torch.device("cpu")
+    if is_posterior_file(path):
+        posterior = load_posterior_file(path, device=device)
+    else:
+        try:
+            variances = torch.load(path, map_location=device, weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            raise FxstreamError(f"cannot read the posterior file '{path}': {str(error).splitlines()[0]}; give a "
+                                "file written by posterior.save(path) or a torch.save'd dict of parameter name -> "
+                                "variance tensor") from None
+        if not isinstance(variances, dict):
+            raise FxstreamError(f"the posterior file '{path}' holds a {type(variances).__name__}; give a file written "
+                                "by posterior.save(path) or a torch.save'd dict of parameter name -> variance tensor")
+        posterior = Diagonal(variances)
+    posterior.validate(parameters)
     return posterior
 
 
+def target_on_device(spec: str, device: str) -> Target:
+    """The target ``spec`` with its model and example inputs on ``device``."""
+    target = load(spec)
+    target.model.to(device)
+    target.args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in target.args)
+    return target
+
+
 def run(args: argparse.Namespace) -> int:
-    target = load(args.target)
+    target = target_on_device(args.target, args.device)
     sizes = {}
     if args.batch is not None:
         sizes["batch"] = args.batch

@@ -8,6 +8,7 @@ the input dimension they came from, so a byte count reads ``4096*batch*seq``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import types
 from dataclasses import dataclass
 
 import sympy
@@ -67,17 +68,29 @@ def capture_symbolic(model: torch.nn.Module, args: tuple, dims: Dims) -> Symboli
     seen: dict = {}
 
     def backend(gm, example_inputs):
-        seen["gm"], seen["inputs"] = gm, example_inputs
+        # Classify the placeholders here: after the backend returns, Dynamo drops the
+        # placeholders' "grapharg" (their sources), and without them a buffer looks like an input.
+        try:
+            seen["captured"] = capture(gm, example_inputs)
+        except Exception as error:  # noqa: BLE001 - re-raised below, outside Dynamo's wrapping
+            seen["error"] = error
         return gm.forward
 
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    # A fresh code object per capture: Dynamo keeps its cache on the code object it compiles, so
+    # this capture neither reuses an earlier one nor needs torch._dynamo.reset(), which would
+    # discard every other model the user's process has compiled.
+    compiled = torch.compile(_fresh_call(), backend=backend, fullgraph=True, dynamic=False)
     try:
         with torch.no_grad():
-            compiled(*args)
+            compiled(model, *args)
     except torch._dynamo.exc.Unsupported as error:
         raise GraphBreakError(f"the model cannot be captured as one graph: {str(error).splitlines()[0]}") from None
-    captured = capture(seen["gm"], seen["inputs"])
+    if "error" in seen:
+        raise seen["error"]
+    if "captured" not in seen:
+        raise CaptureError("Dynamo did not hand the model's graph to fxstream (it ran the model without "
+                           "compiling it); check torch._dynamo's logs for why")
+    captured = _named_by_identity(seen["captured"], model)
     renames: dict[sympy.Symbol, sympy.Symbol] = {}
     symbols: dict[str, sympy.Symbol] = {}
     example_sizes: dict[str, int] = {}
@@ -96,3 +109,29 @@ def capture_symbolic(model: torch.nn.Module, args: tuple, dims: Dims) -> Symboli
         symbols[name] = symbol
         example_sizes[name] = int(args[index].shape[dim])
     return SymbolicCapture(captured, symbols, example_sizes, renames, args)
+
+
+def _call(model, *args):
+    return model(*args)
+
+
+def _fresh_call():
+    """``_call`` with a code object of its own, so Dynamo's cache for it starts empty and dies with it."""
+    return types.FunctionType(_call.__code__.replace(), _call.__globals__, "fxstream_capture")
+
+
+def _named_by_identity(captured: CapturedGraph, model: torch.nn.Module) -> CapturedGraph:
+    """Name parameters and buffers by identity with ``model``, whatever Dynamo's sources said.
+
+    A placeholder holding one of the model's buffers (batch norm's running statistics) is a
+    buffer, not a model input, even where its source was lost.
+    """
+    parameters = {id(p): name for name, p in model.named_parameters()}
+    buffers = {id(b): name for name, b in model.named_buffers()}
+    for placeholder in captured.placeholders:
+        key = id(placeholder.tensor) if placeholder.tensor is not None else None
+        if key in parameters:
+            placeholder.role, placeholder.qualified_name = "parameter", parameters[key]
+        elif key in buffers:
+            placeholder.role, placeholder.qualified_name = "buffer", buffers[key]
+    return captured

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -101,6 +103,8 @@ def available() -> list[str]:
 def load(spec: str, seed: int = 0) -> Target:
     """A built-in target by name, or ``module:callable`` returning ``(model, example_input)``.
 
+    ``module`` is imported from the current directory too (as well as from ``sys.path``).
+
     For a callable target, dim 0 of the first input is "batch", and dim 1 of an
     integer (token id) input is "seq".
     """
@@ -120,6 +124,10 @@ def load(spec: str, seed: int = 0) -> Target:
 
 def _from_callable(spec: str) -> Target:
     module_name, _, attribute = spec.partition(":")
+    # Import from the current directory, as `python -m` would: the `fxstream` script's own
+    # directory, not the user's, is what Python puts first on sys.path.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
