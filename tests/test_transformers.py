@@ -285,10 +285,6 @@ def test_rms_norm_paper_rule_holds_the_statistic():
     torch.testing.assert_close(predictive.var, expected, rtol=1e-6, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="norm='linearised' on a hand-written RMSNorm: x and rsqrt(mean(x^2)) rejoin "
-                   "through a reduction, which rules/region.py does not linearise jointly, so mul treats them as "
-                   "independent (up to ~8x the true variance here). Flips to a pass when the joint linearisation "
-                   "extends to per-row functions through reductions.")
 @pytest.mark.parametrize("structure", ["diag", "full"])
 def test_rms_norm_linearised_is_the_jacobian(structure):
     """Llama's hand-written RMSNorm under norm="linearised": the variance must be diag(J S J^T) per token, J the

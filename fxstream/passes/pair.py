@@ -21,6 +21,8 @@ from torch.fx.node import map_aggregate
 from ..errors import CaptureError, FxstreamError
 from ..rules import DEFAULT_RULE_OPTIONS, VALUE_INDEPENDENT, mean_only_nodes, rule_for
 from ..rules.linearise import diag_to_full, full_to_diag
+from ..rules.norm import rms_norm_covariance
+from ..rules.patterns import rms_joins
 from ..rules.region import elementwise_joins, region_covariance
 from ..rules.residual import residual_covariance, residual_joins
 from ..rules.registry import ACTIVATION_STRUCTURES, RuleCall
@@ -110,7 +112,8 @@ class Pairing:
     (:meth:`copy_mean`), then handled by the method for its op (``placeholder``,
     ``get_attr``, ``call_function``), which gives it a covariance node where an
     uncertainty source reaches it: a source buffer, a ``getitem`` of a
-    multi-output covariance, the joint linearisation of an elementwise region,
+    multi-output covariance, the joint linearisation of an elementwise region or of a
+    hand-written RMSNorm (norm="linearised"),
     its op's rule (plus a residual join's cross term), or an ``unsupported``
     marker for pruning to report.
     """
@@ -122,6 +125,7 @@ class Pairing:
         old = captured.graph_module.graph
         self.held_at_mean = mean_only_nodes(old, self.options)
         self.joins = elementwise_joins(old)
+        self.rms = rms_joins(old) if self.options["norm"] == "linearised" else {}
         self.residuals = residual_joins(old, self.held_at_mean, self.options["norm"]) \
             if self.options["residual"] == "linearised" else {}
         self.graph = torch.fx.Graph()
@@ -184,8 +188,10 @@ class Pairing:
             self.getitem(node)
             return
         out_structure = self.structure if node in self.data_dependent else _param_kind(uncertain, self.kind)
-        region = self.joins.get(node)
-        if region is not None and self.kind.get(region.source) in ACTIVATION_STRUCTURES:
+        region, rms = self.joins.get(node), self.rms.get(node)
+        if rms is not None and self.kind.get(rms.x) in ACTIVATION_STRUCTURES and out_structure == self.kind[rms.x]:
+            self.cov[node] = self.rms_join(node, rms, out_structure)
+        elif region is not None and self.kind.get(region.source) in ACTIVATION_STRUCTURES:
             self.cov[node] = self.region(node, region, out_structure)
         else:
             self.cov[node] = self.rule(node, uncertain, out_structure)
@@ -216,6 +222,16 @@ class Pairing:
              self.batch_for(out_structure)),
         )
         _tag(cov_node, node, "elementwise_region")
+        return cov_node
+
+    def rms_join(self, node: torch.fx.Node, rms, out_structure: str) -> torch.fx.Node:
+        """A hand-written RMSNorm's x * rsqrt(mean(x^2) + eps): linearised as one per-row function of x."""
+        cov_node = self.graph.call_function(
+            rms_norm_covariance,
+            ((self.mean[rms.x], rms.eps), {}, (self.cov[rms.x], None), {}, (self.kind[rms.x], None), {},
+             self.mean[node], out_structure, self.options, self.batch_for(out_structure)),
+        )
+        _tag(cov_node, node, "rms_norm_linearised")
         return cov_node
 
     def rule(self, node: torch.fx.Node, uncertain: list[torch.fx.Node], out_structure: str) -> torch.fx.Node:

@@ -184,3 +184,37 @@ def group_norm(call: RuleCall) -> torch.Tensor:
     if call.cov(3) is not None:
         var = var + call.cov(3).reshape(channel)
     return torch.broadcast_to(var, call.out.shape)
+
+
+def rms_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) over the last dimension: a hand-written RMSNorm before its weight."""
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
+def rms_normalised_variance(x: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
+    """diag(J diag(var) J^T) for y = x * r, r = (mean(x^2) + eps)^(-1/2) over the last dimension.
+
+    Per row J = r I - (r^3 / n) x x^T (diagonal plus rank one), so with u = r x and w = r^2 var
+    var_y_i = w_i (1 - 2 u_i^2 / n) + u_i^2 (sum_j u_j^2 w_j) / n^2: O(n) per row.
+    """
+    r = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    u2 = (x * r).square()
+    scaled = var * r.square()
+    n = x.shape[-1]
+    return scaled * (1 - 2 * u2 / n) + u2 * (u2 * scaled).sum(-1, keepdim=True) / n**2
+
+
+def rms_norm_covariance(args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure, options=None, batch=None):
+    """Covariance of a hand-written RMSNorm's join x * rsqrt(mean(x^2) + eps) under norm="linearised":
+    the norm's Jacobian at the mean, through its statistic (see :func:`rms_normalised_variance`);
+    J S J^T for full covariance. Called with the rule calling convention; ``args`` is (x, eps),
+    ``covs`` (cov of x, None).
+    """
+    x, eps = args
+    cov = covs[0]
+    if structure == "full":
+        return sandwich(lambda h: rms_normalise(h, eps), x, cov)
+    return torch.broadcast_to(rms_normalised_variance(x, cov, eps), out.shape)
+
+
+rms_norm_covariance.__name__ = rms_norm_covariance.__qualname__ = "cov_rms_norm_linearised"

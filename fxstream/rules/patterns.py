@@ -13,6 +13,7 @@ after them see a deterministic operand. Fused ops (``scaled_dot_product_attentio
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -77,18 +78,70 @@ def attention_probabilities(graph: torch.fx.Graph) -> list[torch.fx.Node]:
 
 def rms_statistics(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """The rsqrt(mean(x^2) + eps) nodes of a hand-written RMSNorm (as in Llama's LlamaRMSNorm)."""
-    found = []
+    return [node for node in graph.nodes if _rms_statistic(node) is not None]
+
+
+@dataclass(frozen=True)
+class RmsJoin:
+    """A hand-written RMSNorm's join ``x * rsqrt(mean(x^2, -1, keepdim) + eps)``: ``x`` is the mul's
+    operand (the statistic's input, possibly through casts), ``eps`` the added constant."""
+
+    x: torch.fx.Node
+    eps: float
+
+
+def rms_joins(graph: torch.fx.Graph) -> dict[torch.fx.Node, RmsJoin]:
+    """The mul nodes where a hand-written RMSNorm rejoins x and its statistic over the last dimension.
+
+    The statistic is a reduction of x, so rules/region.py does not see the join; the pair pass
+    linearises it as one per-row function of x under norm="linearised" (rules/norm.py).
+    """
+    joins = {}
     for node in graph.nodes:
-        if node.op != "call_function" or node.target is not aten.rsqrt.default:
+        parts = _rms_statistic(node)
+        if parts is None:
             continue
-        inner = node.args[0]
-        if _is_call(inner, aten.add.Tensor, aten.add.Scalar) and not isinstance(inner.args[1], torch.fx.Node):
-            inner = inner.args[0]
-        if _is_call(inner, aten.mean.dim) and _is_call(inner.args[0], *SQUARE):
-            square = inner.args[0]
-            if square.target is aten.square.default or square.args[1] == 2:
-                found.append(node)
-    return found
+        square_input, mean, eps = parts
+        dims = mean.args[1] if len(mean.args) > 1 else mean.kwargs.get("dim")
+        keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
+        value = square_input.meta.get("val")
+        if not keepdim or not isinstance(value, torch.Tensor) or dims is None or len(dims) != 1 \
+                or dims[0] not in (-1, value.dim() - 1):
+            continue
+        for user, operand in _consumers(node):
+            if not _is_call(user, aten.mul.Tensor) or len(user.args) != 2 or user.kwargs:
+                continue
+            others = [a for a in user.args if a is not operand]
+            if len(others) == 1 and isinstance(others[0], torch.fx.Node) \
+                    and _through_transparent(others[0]) is _through_transparent(square_input) \
+                    and _same_shape(others[0], square_input):
+                joins[user] = RmsJoin(others[0], eps)
+    return joins
+
+
+def _rms_statistic(node) -> tuple[torch.fx.Node, torch.fx.Node, float] | None:
+    """(x, the mean node, eps) when ``node`` is rsqrt(mean(x^2) + eps), else None."""
+    if not _is_call(node, aten.rsqrt.default):
+        return None
+    inner, eps = node.args[0], 0.0
+    if _is_call(inner, aten.add.Tensor, aten.add.Scalar) and not isinstance(inner.args[1], torch.fx.Node):
+        inner, eps = inner.args[0], float(inner.args[1]) * float(inner.kwargs.get("alpha", 1))
+    if _is_call(inner, aten.mean.dim) and _is_call(inner.args[0], *SQUARE):
+        square = inner.args[0]
+        if square.target is aten.square.default or square.args[1] == 2:
+            return square.args[0], inner, eps
+    return None
+
+
+def _through_transparent(node: torch.fx.Node) -> torch.fx.Node:
+    while _is_call(node, *TRANSPARENT) and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _same_shape(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape
 
 
 def _is_call(node, *targets) -> bool:
