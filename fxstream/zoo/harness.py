@@ -448,6 +448,13 @@ def _monte_carlo(result: ZooResult, model, args, kwargs, variances, output, samp
         result.mc_skipped = "not asked"
         return
     mc = MonteCarlo(model, args, kwargs, variances, output=output, seed=seed)
+    if mc_seconds is not None:
+        # A draw costs at least drawing every uncertain weight (~5e7 normals/s on a CPU core) and its share of a
+        # forward (vmap runs a chunk of draws in about one): skip before drawing where even that leaves no room.
+        estimate = result.uncertain_numel / 5e7 + result.forward_s / mc.chunk
+        if estimate * min_samples > mc_seconds:
+            result.mc_skipped = f"a draw takes about {estimate:.2g} s: {min_samples} do not fit in {mc_seconds:g} s"
+            return
     start = time.perf_counter()
     mc.run(min(mc.chunk, samples))  # the first chunk also chooses between vmap and a loop
     remaining = max(samples - mc.count, 0)

@@ -114,26 +114,34 @@ def describe(error: BaseException) -> tuple[str, str, str]:
     if isinstance(error, GraphBreakError):
         cause = message.split("Dynamo reports: ", 1)[-1].split(". Rewrite", 1)[0]
         return kind, cause, message
-    where = _innermost_fxstream_frame(error)
-    if where:
-        message = f"{message} (raised in {where})"
-    if not isinstance(error, FxstreamError):
-        message = f"{kind}: {message}"
-    return kind, message[:160], message
+    op, where = _locate(error)
+    if isinstance(error, FxstreamError):
+        return kind, f"{op or where}: {message}"[:160] if (op or where) else message[:160], f"{kind}: {message}"
+    cause = f"{kind} in the rule for {op}" if op else (f"{kind} in {where}" if where else kind)
+    detail = f" ({where})" if op and where else ""
+    what = f"{op or where}: {message}" if (op or where) else message
+    return kind, what[:160], f"{cause}{detail}: {message}"
 
 
-def _innermost_fxstream_frame(error: BaseException) -> str:
-    """``path:line function`` of the deepest traceback frame inside fxstream (outside the zoo), if any:
-    for an error a rule or pass hits, where the fix belongs."""
+def _locate(error: BaseException) -> tuple[str | None, str]:
+    """Where in fxstream an error arose: the ATen op whose rule ran (if a rule did) and ``path:line
+    function`` of the deepest frame in a rule module (else in fxstream, outside the zoo)."""
     package = Path(__file__).resolve().parents[1]
-    found = ""
+    op, in_rules, anywhere = None, "", ""
     tb = error.__traceback__
     while tb is not None:
-        path = Path(tb.tb_frame.f_code.co_filename).resolve()
+        code = tb.tb_frame.f_code
+        path = Path(code.co_filename).resolve()
         if package in path.parents and "zoo" not in path.relative_to(package).parts:
-            found = f"fxstream/{path.relative_to(package).as_posix()}:{tb.tb_lineno} {tb.tb_frame.f_code.co_name}"
+            relative = path.relative_to(package).as_posix()
+            where = f"fxstream/{relative}:{tb.tb_lineno} {code.co_name}"
+            anywhere = where
+            if relative.startswith("rules/") and relative != "rules/registry.py":
+                in_rules = where
+            if relative == "rules/registry.py" and code.co_name == "target" and "op" in tb.tb_frame.f_locals:
+                op = str(tb.tb_frame.f_locals["op"])
         tb = tb.tb_next
-    return found
+    return op, in_rules or anywhere
 
 
 @contextlib.contextmanager
@@ -170,7 +178,7 @@ def _in_dtype(built, dtype: torch.dtype):
 
 def evaluate(entry: Entry, *, samples: dict[str, int] | None = None, mc_seconds: float | None = 15.0,
              min_samples: int = 100, float64_below: int = 5_000_000, backend: str = "eager",
-             timeout: float | None = None, posteriors: tuple[str, ...] = tuple(POSTERIORS)) -> ZooRow:
+             timeout: float | None = None, posteriors: tuple[str, ...] = tuple(POSTERIORS), repeats: int = 3) -> ZooRow:
     """Build ``entry`` and check it under each posterior; never raises (errors are the row's)."""
     samples = {**DEFAULT_SAMPLES, **(samples or {})}
     row = ZooRow(entry.name, entry.source, entry.family)
@@ -191,7 +199,8 @@ def evaluate(entry: Entry, *, samples: dict[str, int] | None = None, mc_seconds:
             current = "+".join(posteriors)
             made = {name: POSTERIORS[name](built.model) for name in posteriors}
             outcomes = check_many(built.model, built.args, made, example_kwargs=built.kwargs, output=built.output,
-                                  samples=samples, mc_seconds=mc_seconds, min_samples=min_samples, backend=backend)
+                                  samples=samples, mc_seconds=mc_seconds, min_samples=min_samples, backend=backend,
+                                  repeats=repeats)
             made = None
             for name, outcome in outcomes.items():
                 if isinstance(outcome, BaseException):
