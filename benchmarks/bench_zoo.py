@@ -33,8 +33,6 @@ import os
 import re
 import shlex
 import sys
-import time
-from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -176,8 +176,9 @@ class MonteCarlo:
     variance does not cancel against a large mean.
     """
 
-    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any], variances: Mapping[str, torch.Tensor],
-                 output: str | int | None = None, seed: int = 0, chunk_bytes: int = 2**28) -> None:
+    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any],
+                 variances: Mapping[str, torch.Tensor], output: str | int | None = None, seed: int = 0,
+                 chunk_bytes: int = 2**28) -> None:
         params = dict(model.named_parameters())
         self.model, self.args, self.kwargs, self.output = model, args, dict(kwargs), output
         self.means = {n: params[n].detach() for n in variances}
@@ -263,8 +264,8 @@ def check(model: torch.nn.Module, example_inputs: tuple | torch.Tensor, posterio
     Args:
         model: the model, in eval mode, unchanged.
         example_inputs: positional inputs of one call (a tensor or a tuple).
-        posterior: an fxstream posterior (Monte Carlo samples its diagonal marginals,
-            which is the posterior itself for ``Diagonal``).
+        posterior: an fxstream posterior. Monte Carlo needs a diagonal one (``Diagonal``, or
+            ``select`` of one); for others only the means and the variances' validity are checked.
         example_kwargs: keyword inputs of the call.
         output: which output to predict for models returning several (as in ``streamline``).
         samples: Monte Carlo draws (0: skip Monte Carlo).
@@ -320,10 +321,18 @@ def check_many(model: torch.nn.Module, example_inputs: tuple | torch.Tensor, pos
     del predictives
     sample_counts = samples if isinstance(samples, Mapping) else {name: samples for name in posteriors}
     for name, result in results.items():
-        if isinstance(result, ZooResult):
+        if isinstance(result, ZooResult) and not _is_diagonal(posteriors[name]):
+            result.extra.pop("var")
+            result.mc_skipped = "Monte Carlo samples diagonal posteriors only (KFAC, dense, low-rank: not here)"
+        elif isinstance(result, ZooResult):
             _monte_carlo(result, model, args, kwargs, diagonal_variances(posteriors[name]), output,
                          sample_counts[name], mc_seconds, min_samples, seed)
     return {name: results[name] for name in posteriors}
+
+
+def _is_diagonal(posterior: Posterior) -> bool:
+    """Whether every entry of ``posterior`` is independent, so that its marginals are the posterior."""
+    return all(posterior.covariance(name).kind == "param_diag" for name in posterior.parameter_names())
 
 
 def _options(model: torch.nn.Module, posterior: Posterior, backend: str, extra: Mapping[str, Any]) -> StreamlineOptions:
