@@ -68,8 +68,6 @@ def test_zoo_model(name):
     results = check_many(built.model, built.args, posteriors, example_kwargs=built.kwargs, output=built.output,
                          samples=draws, repeats=1)
     for label, result in results.items():
-        if isinstance(result, fxstream.UnsupportedOpError) and name in KNOWN_GAPS.get(label, ()):
-            pytest.xfail(f"{label}: {result.op} has no rule yet")  # the core's open issue, tracked in docs/zoo.md
         assert not isinstance(result, BaseException), f"{label}: {result!r}"
         assert result.means_exact, f"{label}: mean differs from the model's forward by {result.mean_error:.2e}"
         assert result.var_finite and result.var_nonnegative, label
@@ -84,7 +82,6 @@ def test_zoo_model(name):
 
 
 # Ops the core has no rule for yet, per posterior: the test expects the failure until the rule lands.
-KNOWN_GAPS: dict[str, tuple[str, ...]] = {"all": ("transformers/llama",)}
 
 
 def test_monte_carlo_matches_a_closed_form():
