@@ -68,17 +68,23 @@ class StreamlinedModel(torch.nn.Module):
         return predictive(out)
 
     def _select(self, out: Any) -> torch.Tensor:
-        if isinstance(out, torch.Tensor):
-            return out
-        if self.output is not None:
-            return out[self.output]
-        if isinstance(out, dict) or hasattr(out, "keys"):
-            if "logits" in out:
-                return out["logits"]
-            return next(v for v in out.values() if isinstance(v, torch.Tensor))
-        if isinstance(out, (list, tuple)):
-            return next(v for v in out if isinstance(v, torch.Tensor))
-        raise FxstreamError(f"cannot find a tensor in the model's output of type {type(out).__name__}")
+        return select_output(out, self.output)
+
+
+def select_output(out: Any, output: str | int | None = None) -> torch.Tensor:
+    """The tensor a streamlined model predicts from the model's output: ``output`` picks it by key or
+    index; else a tensor itself, the "logits" of a dict-like output, or its first tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if output is not None:
+        return out[output]
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        if "logits" in out:
+            return out["logits"]
+        return next(v for v in out.values() if isinstance(v, torch.Tensor))
+    if isinstance(out, (list, tuple)):
+        return next(v for v in out if isinstance(v, torch.Tensor))
+    raise FxstreamError(f"cannot find a tensor in the model's output of type {type(out).__name__}")
 
 
 @contextmanager

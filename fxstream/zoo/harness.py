@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.func import functional_call, vmap
 
+from ..api import select_output
 from ..backend import StreamlineOptions, compile_streamlined, predictive
 from ..errors import FxstreamError, GraphBreakError
 from ..posterior import Diagonal, Posterior
@@ -117,21 +118,6 @@ def relative_posterior(model: torch.nn.Module, names: Sequence[str] | None = Non
 def last_parameters(model: torch.nn.Module, k: int = 2) -> list[str]:
     """Names of the last ``k`` floating parameters in ``named_parameters()`` order (usually the head)."""
     return [n for n, _ in floating_parameters(model)][-k:]
-
-
-def select_output(out: Any, output: str | int | None = None) -> torch.Tensor:
-    """The tensor ``fxstream.streamline`` predicts from a model's output (same rule as its ``output=``)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if output is not None:
-        return out[output]
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        if "logits" in out:
-            return out["logits"]
-        return next(v for v in out.values() if isinstance(v, torch.Tensor))
-    if isinstance(out, (list, tuple)):
-        return next(v for v in out if isinstance(v, torch.Tensor))
-    raise TypeError(f"cannot find a tensor in the model's output of type {type(out).__name__}")
 
 
 def relative_errors(var: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
