@@ -140,23 +140,38 @@ def summary(rows: list[ZooRow]) -> str:
 
 
 def failures(rows: list[ZooRow]) -> str:
-    """Distinct failures: error type and op (or cause), the posteriors hitting it and the models."""
-    groups: dict[tuple[str, str], list[str]] = {}
+    """Distinct failures: error type and op (or cause), the posteriors hitting it, where, and the models."""
+    groups: dict[tuple[str, str], dict] = {}
     for row in rows:
-        seen = set()
-        for posterior, (kind, what, _) in row.errors.items():
-            key = (kind, what)
-            if key not in seen:
-                groups.setdefault(key, []).append(row.name)
-                seen.add(key)
+        for posterior, (kind, what, message) in row.errors.items():
+            group = groups.setdefault((kind, what), {"models": [], "posteriors": set(), "where": set()})
+            if row.name not in group["models"]:
+                group["models"].append(row.name)
+            group["posteriors"].add(posterior)
+            group["where"].add(_where(kind, message))
         for posterior, result in row.results.items():
-            if not result.means_exact:
-                groups.setdefault(("mean differs from the forward", posterior), []).append(row.name)
-            elif not result.variances_valid:
-                groups.setdefault(("invalid variances", posterior), []).append(row.name)
-    lines = [[kind, what.replace("|", "\\|")[:100], len(models), ", ".join(m.split("/", 1)[1] for m in models)]
-             for (kind, what), models in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
-    return tabulate(lines, headers=["error", "op / cause", "models", "which"], tablefmt="github") if lines else "none"
+            if not result.ok:
+                kind = "mean differs from the forward" if not result.means_exact else "invalid variances"
+                group = groups.setdefault((kind, ""), {"models": [], "posteriors": set(), "where": set()})
+                group["models"].append(row.name)
+                group["posteriors"].add(posterior)
+    lines = []
+    for (kind, what), group in sorted(groups.items(), key=lambda kv: -len(kv[1]["models"])):
+        posteriors = ", ".join(p for p in (*POSTERIORS, "build") if p in group["posteriors"])
+        where = "; ".join(sorted(w for w in group["where"] if w))
+        lines.append([kind, what.replace("|", "\\|")[:100], posteriors, where.replace("|", "\\|")[:200],
+                      len(group["models"]), ", ".join(m.split("/", 1)[1] for m in group["models"])])
+    headers = ["error", "op / cause", "posteriors", "where", "models", "which"]
+    return tabulate(lines, headers=headers, tablefmt="github") if lines else "none"
+
+
+def _where(kind: str, message: str) -> str:
+    """The module class (UnsupportedOpError) or the fxstream file and function an error names."""
+    if kind == "UnsupportedOpError":
+        found = re.search(r" in \S+ \((\w+)\)$", message)
+        return found.group(1) if found else ""
+    found = re.search(r"\((fxstream/[^)]+)\)", message)
+    return found.group(1) if found else ""
 
 
 def main() -> None:
