@@ -76,7 +76,8 @@ error (fxstream's, or where a torch error came from inside fxstream, the file
 and function). **median / p90** are the median and 90th percentile over output
 elements of |var - var_MC| / var_MC, against Monte Carlo over the same
 posterior (weights drawn, the unchanged model run through
-`torch.func.functional_call`). A Monte Carlo variance from N draws has a
+`torch.func.functional_call`); under **all**, (xR) is the median of
+var / var_MC, below 1 where fxstream's variance is the smaller. A Monte Carlo variance from N draws has a
 relative standard error of sqrt(2 / (N - 1)) (0.032 for 2000 draws, 0.071 for
 400), so errors of that size are sampling noise. Monte Carlo has a time budget
 per posterior and is skipped (`-`) where fewer than 100 draws fit, which for
@@ -98,12 +99,13 @@ result.means_exact, result.variances_valid, result.median_error, result.p90_erro
 """
 
 
-def _errors(result) -> str:
+def _errors(result, ratio: bool = False) -> str:
     if result is None:
         return ""
     if result.median_error is None:
         return "-"
-    return f"{result.median_error:.3f} / {result.p90_error:.3f}"
+    shown = f" (x{result.median_ratio:.2f})" if ratio and result.median_ratio is not None else ""
+    return f"{result.median_error:.3f} / {result.p90_error:.3f}{shown}"
 
 
 def _ratio(result) -> str:
@@ -116,14 +118,14 @@ def table_row(row: ZooRow) -> list[str]:
     status = row.status if len(row.status) <= 160 else row.status[:157] + "..."
     return [
         row.name.split("/", 1)[1], row.source, f"{row.params / 1e6:.1f}M" if row.params else "", row.input,
-        row.dtype, status.replace("|", "\\|"), _errors(last), _errors(every), draws,
+        row.dtype, status.replace("|", "\\|"), _errors(last), _errors(every, ratio=True), draws,
         f"{every.streamline_s:.1f}" if every is not None else "",
         " / ".join(filter(None, (_ratio(last), _ratio(every)))),
     ]
 
 
 HEADERS = ["model", "source", "params", "input", "dtype", "status", "last-2: median / p90 rel. var. error",
-           "all: median / p90", "MC draws (last-2 / all)", "streamline + 1st call, all (s)",
+           "all: median / p90 (median var / var_MC)", "MC draws (last-2 / all)", "streamline + 1st call, all (s)",
            "call / forward (last-2 / all)"]
 
 
