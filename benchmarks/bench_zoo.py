@@ -76,7 +76,8 @@ error (fxstream's, or where a torch error came from inside fxstream, the file
 and function). **median / p90** are the median and 90th percentile over output
 elements of |var - var_MC| / var_MC, against Monte Carlo over the same
 posterior (weights drawn, the unchanged model run through
-`torch.func.functional_call`). A Monte Carlo variance from N draws has a
+`torch.func.functional_call`); under **all**, (xR) is the median of
+var / var_MC, below 1 where fxstream's variance is the smaller. A Monte Carlo variance from N draws has a
 relative standard error of sqrt(2 / (N - 1)) (0.032 for 2000 draws, 0.071 for
 400), so errors of that size are sampling noise. Monte Carlo has a time budget
 per posterior and is skipped (`-`) where fewer than 100 draws fit, which for
@@ -98,12 +99,13 @@ result.means_exact, result.variances_valid, result.median_error, result.p90_erro
 """
 
 
-def _errors(result) -> str:
+def _errors(result, ratio: bool = False) -> str:
     if result is None:
         return ""
     if result.median_error is None:
         return "-"
-    return f"{result.median_error:.3f} / {result.p90_error:.3f}"
+    shown = f" (x{result.median_ratio:.2f})" if ratio and result.median_ratio is not None else ""
+    return f"{result.median_error:.3f} / {result.p90_error:.3f}{shown}"
 
 
 def _ratio(result) -> str:
@@ -116,14 +118,14 @@ def table_row(row: ZooRow) -> list[str]:
     status = row.status if len(row.status) <= 160 else row.status[:157] + "..."
     return [
         row.name.split("/", 1)[1], row.source, f"{row.params / 1e6:.1f}M" if row.params else "", row.input,
-        row.dtype, status.replace("|", "\\|"), _errors(last), _errors(every), draws,
+        row.dtype, status.replace("|", "\\|"), _errors(last), _errors(every, ratio=True), draws,
         f"{every.streamline_s:.1f}" if every is not None else "",
         " / ".join(filter(None, (_ratio(last), _ratio(every)))),
     ]
 
 
 HEADERS = ["model", "source", "params", "input", "dtype", "status", "last-2: median / p90 rel. var. error",
-           "all: median / p90", "MC draws (last-2 / all)", "streamline + 1st call, all (s)",
+           "all: median / p90 (median var / var_MC)", "MC draws (last-2 / all)", "streamline + 1st call, all (s)",
            "call / forward (last-2 / all)"]
 
 
@@ -140,23 +142,38 @@ def summary(rows: list[ZooRow]) -> str:
 
 
 def failures(rows: list[ZooRow]) -> str:
-    """Distinct failures: error type and op (or cause), the posteriors hitting it and the models."""
-    groups: dict[tuple[str, str], list[str]] = {}
+    """Distinct failures: error type and op (or cause), the posteriors hitting it, where, and the models."""
+    groups: dict[tuple[str, str], dict] = {}
     for row in rows:
-        seen = set()
-        for posterior, (kind, what, _) in row.errors.items():
-            key = (kind, what)
-            if key not in seen:
-                groups.setdefault(key, []).append(row.name)
-                seen.add(key)
+        for posterior, (kind, what, message) in row.errors.items():
+            group = groups.setdefault((kind, what), {"models": [], "posteriors": set(), "where": set()})
+            if row.name not in group["models"]:
+                group["models"].append(row.name)
+            group["posteriors"].add(posterior)
+            group["where"].add(_where(kind, message))
         for posterior, result in row.results.items():
-            if not result.means_exact:
-                groups.setdefault(("mean differs from the forward", posterior), []).append(row.name)
-            elif not result.variances_valid:
-                groups.setdefault(("invalid variances", posterior), []).append(row.name)
-    lines = [[kind, what.replace("|", "\\|")[:100], len(models), ", ".join(m.split("/", 1)[1] for m in models)]
-             for (kind, what), models in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
-    return tabulate(lines, headers=["error", "op / cause", "models", "which"], tablefmt="github") if lines else "none"
+            if not result.ok:
+                kind = "mean differs from the forward" if not result.means_exact else "invalid variances"
+                group = groups.setdefault((kind, ""), {"models": [], "posteriors": set(), "where": set()})
+                group["models"].append(row.name)
+                group["posteriors"].add(posterior)
+    lines = []
+    for (kind, what), group in sorted(groups.items(), key=lambda kv: -len(kv[1]["models"])):
+        posteriors = ", ".join(p for p in (*POSTERIORS, "build") if p in group["posteriors"])
+        where = "; ".join(sorted(w for w in group["where"] if w))
+        lines.append([kind, what.replace("|", "\\|")[:100], posteriors, where.replace("|", "\\|")[:200],
+                      len(group["models"]), ", ".join(m.split("/", 1)[1] for m in group["models"])])
+    headers = ["error", "op / cause", "posteriors", "where", "models", "which"]
+    return tabulate(lines, headers=headers, tablefmt="github") if lines else "none"
+
+
+def _where(kind: str, message: str) -> str:
+    """The module class (UnsupportedOpError) or the fxstream file and function an error names."""
+    if kind == "UnsupportedOpError":
+        found = re.search(r" in \S+ \((\w+)\)$", message)
+        return found.group(1) if found else ""
+    found = re.search(r"\((fxstream/[^)]+)\)", message)
+    return found.group(1) if found else ""
 
 
 def main() -> None:

@@ -62,6 +62,7 @@ class ZooResult:
     mc_samples: int = 0
     mc_s: float = 0.0
     mc_skipped: str | None = None
+    median_ratio: float | None = None  # median of var / var_MC: below 1, fxstream's variance is the smaller
     var_mean: float = float("nan")   # mean predicted variance, for scale
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -135,6 +136,15 @@ def relative_errors(var: torch.Tensor, reference: torch.Tensor) -> tuple[float, 
         return (0.0, 0.0) if bad == 0 else (math.inf, math.inf)
     rel = (var[keep] - reference[keep]).abs() / reference[keep]
     return rel.median().item(), rel.quantile(0.9).item()
+
+
+def median_ratio(var: torch.Tensor, reference: torch.Tensor) -> float:
+    """Median over elements of var / reference (below 1: fxstream's variance is the smaller), over the
+    elements :func:`relative_errors` keeps."""
+    var, reference = var.detach().double().flatten(), reference.detach().double().flatten()
+    top = reference.abs().max()
+    keep = reference > 1e-12 * top if top > 0 else torch.zeros_like(reference, dtype=torch.bool)
+    return (var[keep] / reference[keep]).median().item() if keep.any() else float("nan")
 
 
 def _timed(fn, repeats: int, warmup: int = 1) -> tuple[Any, float]:
@@ -463,7 +473,9 @@ def _monte_carlo(result: ZooResult, model, args, kwargs, variances, output, samp
     mc.run(remaining)
     result.mc_s = time.perf_counter() - start
     result.mc_samples = mc.count
-    result.median_error, result.p90_error = relative_errors(var, mc.variance())
+    reference = mc.variance()
+    result.median_error, result.p90_error = relative_errors(var, reference)
+    result.median_ratio = median_ratio(var, reference)
 
 
 def mean_tolerance(dtype: torch.dtype) -> float:

@@ -82,7 +82,7 @@ class ZooRow:
 
 _RESULT_FIELDS = ("mean_error", "mean_tolerance", "var_finite", "var_nonnegative", "output_shape", "dtype",
                   "uncertain_parameters", "uncertain_numel", "streamline_s", "call_s", "forward_s", "median_error",
-                  "p90_error", "mc_samples", "mc_s", "mc_skipped", "var_mean")
+                  "p90_error", "mc_samples", "mc_s", "mc_skipped", "var_mean", "median_ratio")
 
 
 def row_to_dict(row: ZooRow) -> dict:
@@ -98,6 +98,7 @@ def row_to_dict(row: ZooRow) -> dict:
 def row_from_dict(data: dict) -> ZooRow:
     results = {}
     for name, fields in data["results"].items():
+        fields = dict({"median_ratio": None}, **fields)
         fields = dict(fields, dtype=getattr(torch, fields["dtype"]), output_shape=tuple(fields["output_shape"]))
         results[name] = ZooResult(**fields)
     return ZooRow(data["name"], data["source"], data["family"], data["params"], data["input"], data["dtype"],
