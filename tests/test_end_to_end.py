@@ -102,6 +102,17 @@ def parameter_oracle(model: nn.Module, var: dict, x: torch.Tensor) -> torch.Tens
     return per_sample(dense, x.shape[0])
 
 
+
+def assert_equals_parameter_oracle(pred, model, var, x, structure: str) -> None:
+    """Means equal the model's output; variances (and, for "full", covariances) equal J Sigma J^T."""
+    expected = parameter_oracle(model, var, x)
+    assert_close(pred.mean, model(x))
+    assert_close(pred.var, expected.diagonal(dim1=1, dim2=2))
+    if structure == "full":
+        assert_close(pred.cov, expected)
+    else:
+        assert pred.cov is None
+
 def input_oracle(model: nn.Module, cov: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-sample J_x Sigma_x J_x^T with the same input covariance for every sample."""
     def one(sample):
@@ -148,13 +159,7 @@ def test_last_layer_posterior_equals_glm(name: str, structure: str) -> None:
     shape = (5, 4) if name == "mlp" else (3, 1, 8, 8)
     x = torch.randn(*shape, generator=seeded(1), dtype=DTYPE)
     pred = streamline(model, var, x=x, activation_cov=structure)
-    expected = parameter_oracle(model, var, x)
-    assert_close(pred.mean, model(x))
-    assert_close(pred.var, expected.diagonal(dim1=1, dim2=2))
-    if structure == "full":
-        assert_close(pred.cov, expected)
-    else:
-        assert pred.cov is None
+    assert_equals_parameter_oracle(pred, model, var, x, structure)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
@@ -347,8 +352,4 @@ def test_channel_shuffle_moves_each_variance_with_its_channel(structure: str) ->
     x = torch.randn(2, 2, 4, 4, generator=seeded(1), dtype=DTYPE)
     var = variances(model, scale=0.3)
     pred = streamline(model, var, x=x, activation_cov=structure)
-    expected = parameter_oracle(model, var, x)
-    assert_close(pred.mean, model(x))
-    assert_close(pred.var, expected.diagonal(dim1=1, dim2=2))
-    if structure == "full":
-        assert_close(pred.cov, expected)
+    assert_equals_parameter_oracle(pred, model, var, x, structure)
