@@ -17,7 +17,7 @@ import torch
 import torch.fx
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .errors import FxstreamError, FxstreamWarning, NoPredictiveError, PosteriorMismatchError
+from .errors import FxstreamError, FxstreamWarning, NoPredictiveError
 from .passes import CapturedGraph, PairedGraph, PruneReport, capture, lower
 from .pipeline import rewrite
 from .posterior import Posterior

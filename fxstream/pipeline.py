@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.fx
 
 from .errors import FxstreamError, PassError, PosteriorMismatchError
 from .passes import CapturedGraph, PairedGraph, PruneReport, Source, pair, prune
