@@ -200,6 +200,7 @@ def streamline(
     residual: Literal["paper", "linearised"] = "paper",
     variance_matmul: Literal["exact", "bfloat16"] = "exact",
     products: Literal["moments", "linearised"] = "moments",
+    joins: Literal["independent", "exact"] = "independent",
     backend: Literal["inductor", "eager"] = "inductor",
     output: str | int | None = None,
     budget: int | str | None = None,
@@ -237,7 +238,16 @@ def streamline(
             uncertain factors (weight times input, activation times activation): the exact
             moments of each such op, as in the paper. "linearised" drops it: first order
             throughout, the linearised-Laplace (GLM) predictive, which the pass then equals
-            exactly with activation_cov="full" (weights independent across layers).
+            exactly with activation_cov="full" (weights independent across layers) on networks
+            without branches.
+        joins: "independent" treats the inputs of an op that share an uncertain ancestor (a
+            residual add, attention's Q/K/V, a gate times its up projection, a DenseNet concat)
+            as independent, as the paper does. "exact" (needs activation_cov="full") carries
+            every activation's cross-covariance with the activations still to be read and adds
+            it where they meet: with the "linearised" options the predictive is then J Sigma J^T
+            for any architecture (parameters read twice, such as tied embeddings, excepted).
+            Costs a cross-covariance per pair of live activations (a residual stream and the
+            block's current tensor: about 2-4x the full pass).
         backend: "inductor" compiles the rewritten graph; "eager" runs it as an FX GraphModule.
         output: the key or index of the output to return the predictive of, for models returning
             a dict, dataclass or tuple (default: "logits" if present, else the first tensor).
@@ -249,7 +259,8 @@ def streamline(
     if model.training:
         raise FxstreamError("the model is in training mode; call model.eval() before streamline()")
     rule_options = {"attention": attention, "norm": norm, "residual": residual,
-                    "variance_matmul": variance_matmul, "products": products}
+                    "variance_matmul": variance_matmul, "products": products,
+                    "joins": joins}
     chosen = None
     if budget is not None:
         from .planner import plan

@@ -63,6 +63,9 @@ class StreamlineOptions:
                 raise FxstreamError(f"unknown rule option {name}={choice!r}; allowed: {allowed}")
         if self.activation_cov not in ("diag", "full"):
             raise FxstreamError(f"activation_cov must be 'diag' or 'full', got '{self.activation_cov}'")
+        if self.rule_options.get("joins") == "exact" and self.activation_cov != "full":
+            raise FxstreamError("joins='exact' carries cross-covariances between activations, which needs "
+                                "activation_cov='full'; for diagonal activations use residual='linearised'")
         if self.likelihood not in (None, "classification", "regression"):
             raise FxstreamError(
                 f"likelihood must be 'classification', 'regression' or None, got '{self.likelihood}'"

@@ -28,8 +28,7 @@ from ..rules.residual import residual_covariance, residual_joins
 from ..rules.registry import ACTIVATION_STRUCTURES, RuleCall
 from .capture import CapturedGraph, module_path
 from .decompose import DECOMPOSED_FROM
-
-ROLE = "fxstream"
+from .joins import ROLE, CrossCovariances
 # A rule node's arguments are (args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure, options, batch):
 # the positions later passes read them at.
 RULE_ARGS, RULE_COVS, RULE_KINDS, RULE_KW_KINDS, RULE_OUT, RULE_STRUCTURE = 0, 2, 4, 5, 6, 7
@@ -135,6 +134,10 @@ class Pairing:
         self.kind: dict[torch.fx.Node, object] = {}
         self.data_dependent: set[torch.fx.Node] = set()
         self.input_names = {p.name for p in captured.inputs()}
+        self.crosses = CrossCovariances(self.graph, self.mean, self.cov, self.kind, self.options) \
+            if self.options["joins"] == "exact" and structure == "full" else None
+        if self.crosses is not None:  # the cross-covariances make every join exact; no pattern needed
+            self.joins, self.rms, self.residuals = {}, {}, {}
         self.first_input: torch.fx.Node | None = None
         self.batch: torch.fx.Node | None = None  # the input's leading size, made once for full-structure rules
 
@@ -145,6 +148,8 @@ class Pairing:
                 output_node = node
                 break
             self.copy_mean(node)
+            if self.crosses is not None:
+                self.crosses.consume(node)
             getattr(self, node.op)(node)
         if output_node is None:
             raise CaptureError("captured graph has no output")
@@ -175,6 +180,8 @@ class Pairing:
             self.kind[node] = source.kind
         _tag(cov_node, node, "source")
         self.cov[node] = cov_node
+        if self.crosses is not None:
+            self.crosses.add_source(node)
 
     def get_attr(self, node: torch.fx.Node) -> None:
         _copy_attribute(self.captured.graph_module, self.root, node.target)
@@ -196,6 +203,8 @@ class Pairing:
         else:
             self.cov[node] = self.rule(node, uncertain, out_structure)
         self.kind[node] = out_structure
+        if self.crosses is not None and out_structure == "full" and not isinstance(node.meta.get("val"), (list, tuple)):
+            self.cov[node] = self.crosses.joined(node, self.cov[node])
 
     def call_module(self, node: torch.fx.Node) -> None:
         raise CaptureError(f"captured graph calls module '{node.target}'; capture should have inlined it")
@@ -208,6 +217,8 @@ class Pairing:
         self.cov[node] = self.graph.call_function(operator.getitem, (self.cov[source_node], index))
         self.kind[node] = _item(self.kind[source_node], index)
         _tag(self.cov[node], node, "getitem")
+        if self.crosses is not None and self.kind[node] == "full":
+            self.cov[node] = self.crosses.joined(node, self.cov[node], pick=index)
 
     def region(self, node: torch.fx.Node, region, out_structure: str) -> torch.fx.Node:
         """An elementwise region whose paths rejoin: linearised as one function of its source."""

@@ -42,6 +42,11 @@ RULE_OPTIONS: dict[str, tuple[str, ...]] = {
     # "linearised": first order throughout, the linearised-Laplace (GLM) predictive, which the
     # pass reproduces exactly with activation_cov="full" and a layer-wise independent posterior.
     "products": ("moments", "linearised"),
+    # "independent": an op whose inputs share an uncertain ancestor (a residual add, Q/K/V of one
+    # input) treats them as independent (the paper); "exact": with activation_cov="full", every
+    # activation carries its cross-covariance with the activations still to be read, and joins add it
+    # (fxstream.rules.cross), so first-order rules give J Sigma J^T for any branching.
+    "joins": ("independent", "exact"),
 }
 DEFAULT_RULE_OPTIONS = {name: choices[0] for name, choices in RULE_OPTIONS.items()}
 
