@@ -36,7 +36,8 @@ def rewrite(captured: CapturedGraph, options: StreamlineOptions, structure: str 
     """decompose -> pair -> prune on ``captured`` under ``options`` (``structure`` overrides activation_cov)."""
     sources = _sources(captured, options)
     structure = structure or options.activation_cov
-    decomposed = _run("decompose", lambda: decompose(captured, sources), requires=lambda: _functional(captured))
+    decomposed = _run("decompose", lambda: decompose(captured, sources), requires=lambda: _functional(captured),
+                      ensures=lambda: _functional(captured))
     paired = _run("pair", lambda: pair(captured, sources, structure, options.outputs, options.rule_options))
     report = _run("prune", lambda: prune(paired), ensures=lambda: paired.graph_module.graph.lint())
     return Rewritten(paired, report, decomposed)
@@ -58,11 +59,12 @@ def _run(name: str, call: Callable[[], Any], requires: Callable[[], None] | None
 
 
 def _functional(captured: CapturedGraph) -> None:
-    """Capture hands over a functional graph: no op that writes into its arguments."""
+    """Capture and decompose hand over a functional graph: no op that writes into its arguments."""
     for node in captured.graph_module.graph.nodes:
         schema = getattr(node.target, "_schema", None)
         if node.op == "call_function" and schema is not None and schema.is_mutable:
-            raise FxstreamError(f"capture left the in-place op {node.target} ({node.name}) in the graph")
+            raise FxstreamError(f"the graph holds the in-place op {node.target} ({node.name}); the passes need "
+                                "functional ops, so this is a bug in fxstream: please report it with the model")
 
 
 def _parameter_names(captured: CapturedGraph, model: torch.nn.Module | None) -> dict[str, str]:
