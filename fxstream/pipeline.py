@@ -9,13 +9,14 @@ reported as a :class:`PassError` naming the pass.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import FxstreamError, PassError, PosteriorMismatchError
+from .errors import FxstreamError, FxstreamWarning, PassError, PosteriorMismatchError
 from .passes import CapturedGraph, PairedGraph, PruneReport, Source, pair, prune
 from .passes.decompose import decompose
 
@@ -95,13 +96,12 @@ def _sources(captured: CapturedGraph, options: StreamlineOptions) -> dict[str, S
                     "fullgraph=True to see the break, since covariance cannot cross one"
                 )
             posterior.validate(tensors)
+        lost: dict[str, int] = {}
         for placeholder_name, name in by_name.items():
             if name in wanted:
                 cov = posterior.covariance(name)
-                param = tensors[name]
-                sources[placeholder_name] = Source(
-                    cov.kind, tuple(t.to(dtype=param.dtype, device=param.device) for t in cov.tensors)
-                )
+                sources[placeholder_name] = Source(cov.kind, _placed(name, cov.tensors, tensors[name], lost))
+        _warn_lost(lost, {tensors[name].dtype for name in lost})
     given = options.input_var if options.input_var is not None else options.input_cov
     if given is not None:
         inputs = [p for p in captured.inputs() if torch.is_floating_point(p.tensor)]
@@ -112,6 +112,49 @@ def _sources(captured: CapturedGraph, options: StreamlineOptions) -> dict[str, S
         _check_input_uncertainty(buffer, first.tensor, diagonal=options.input_var is not None)
         sources[first.name] = Source("diag" if options.input_var is not None else "full", (buffer,))
     return sources
+
+
+def _placed(name: str, tensors: tuple[torch.Tensor, ...], param: torch.Tensor,
+            lost: dict[str, int]) -> tuple[torch.Tensor, ...]:
+    """A parameter's covariance tensors moved to its device and cast to its dtype, where the rules run.
+
+    Moving is what a user wants (a posterior loads on the CPU; the model may sit on a GPU) and a
+    cast to the model's precision is how the rules compute. A cast that loses the covariance is
+    not silent: entries beyond the dtype's range raise, naming the parameter, and nonzero entries
+    that round to zero (a float16 model with variances below 6e-8) are counted in ``lost`` per
+    parameter for one warning. A meta tensor (no values) on either side is rejected.
+    """
+    if param.device.type == "meta":
+        raise PosteriorMismatchError(f"parameter '{name}' of the model is on the meta device (it has no values); "
+                                     "load the model's weights (e.g. model.to_empty(...) and load_state_dict) first")
+    moved = []
+    for tensor in tensors:
+        if tensor.device.type == "meta":
+            raise PosteriorMismatchError(
+                f"the posterior's covariance of parameter '{name}' is on the meta device (it has no values); "
+                f"build or load it with its values, e.g. fxstream.load_posterior(path, device='{param.device}')")
+        cast = tensor.to(dtype=param.dtype, device=param.device)
+        if cast.dtype != tensor.dtype and tensor.is_floating_point():
+            back = cast.to(tensor.device)
+            if not torch.isfinite(back).all():
+                raise PosteriorMismatchError(
+                    f"the posterior's covariance of parameter '{name}' overflows the model's dtype {param.dtype} "
+                    f"(largest magnitude {tensor.abs().max().item():.3g}); run the model in a wider dtype")
+            lost[name] = lost.get(name, 0) + int(((back == 0) & (tensor != 0)).sum())
+        moved.append(cast)
+    return tuple(moved)
+
+
+def _warn_lost(lost: dict[str, int], dtypes: set[torch.dtype]) -> None:
+    """One warning for the covariance entries that rounded to zero in the model's dtype (see :func:`_placed`)."""
+    lost = {name: count for name, count in lost.items() if count}
+    if lost:
+        worst = ", ".join(f"'{n}' ({lost[n]})" for n in sorted(lost, key=lost.get, reverse=True)[:3])
+        warnings.warn(
+            f"{sum(lost.values())} nonzero covariance entries of {len(lost)} parameter(s) round to zero in the "
+            f"model's dtype ({', '.join(sorted(map(str, dtypes)))}) and are dropped (most in {worst}): they are "
+            "below what the dtype holds (float16: 6e-8); run the model in float32 or bfloat16 if they matter",
+            FxstreamWarning, stacklevel=3)
 
 
 def _check_input_uncertainty(buffer: torch.Tensor, x: torch.Tensor, diagonal: bool) -> None:
