@@ -19,6 +19,7 @@ import torch
 from .errors import FxstreamError, FxstreamWarning, PassError, PosteriorMismatchError
 from .passes import CapturedGraph, PairedGraph, PruneReport, Source, pair, prune
 from .passes.decompose import decompose
+from .rules.registry import covariance_dtype
 
 if TYPE_CHECKING:
     from .backend import StreamlineOptions
@@ -108,7 +109,7 @@ def _sources(captured: CapturedGraph, options: StreamlineOptions) -> dict[str, S
         if not inputs:
             raise FxstreamError("input_var / input_cov given, but the model has no floating-point input")
         first = inputs[0]
-        buffer = torch.as_tensor(given, dtype=first.tensor.dtype, device=first.tensor.device)
+        buffer = torch.as_tensor(given, dtype=covariance_dtype(first.tensor.dtype), device=first.tensor.device)
         _check_input_uncertainty(buffer, first.tensor, diagonal=options.input_var is not None)
         sources[first.name] = Source("diag" if options.input_var is not None else "full", (buffer,))
     return sources
@@ -119,7 +120,8 @@ def _placed(name: str, tensors: tuple[torch.Tensor, ...], param: torch.Tensor,
     """A parameter's covariance tensors moved to its device and cast to its dtype, where the rules run.
 
     Moving is what a user wants (a posterior loads on the CPU; the model may sit on a GPU) and a
-    cast to the model's precision is how the rules compute. A cast that loses the covariance is
+    cast to the model's precision is how the rules compute (float32 for a float16 model, see
+    :func:`fxstream.rules.registry.covariance_dtype`). A cast that loses the covariance is
     not silent: entries beyond the dtype's range raise, naming the parameter, and nonzero entries
     that round to zero (a float16 model with variances below 6e-8) are counted in ``lost`` per
     parameter for one warning. A meta tensor (no values) on either side is rejected.
@@ -133,7 +135,7 @@ def _placed(name: str, tensors: tuple[torch.Tensor, ...], param: torch.Tensor,
             raise PosteriorMismatchError(
                 f"the posterior's covariance of parameter '{name}' is on the meta device (it has no values); "
                 f"build or load it with its values, e.g. fxstream.load_posterior(path, device='{param.device}')")
-        cast = tensor.to(dtype=param.dtype, device=param.device)
+        cast = tensor.to(dtype=covariance_dtype(param.dtype), device=param.device)
         if cast.dtype != tensor.dtype and tensor.is_floating_point():
             back = cast.to(tensor.device)
             if not torch.isfinite(back).all():
