@@ -231,3 +231,26 @@ def test_torch_rmsnorm_is_linearised_through_its_statistic() -> None:
     ops = [n.target for n in streamlined.graphs[0].paired.graph_module.graph.nodes
            if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)]
     assert not [op for op in ops if op._schema.is_mutable]
+
+
+# ------------------------------------------------------------------ options that change nothing
+
+
+def _fxstream_warnings(model: nn.Module, **options) -> list[str]:
+    posterior = fxstream.Diagonal({n: torch.full_like(p, 1e-3) for n, p in model.named_parameters()})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fxstream.streamline(model, posterior, backend="eager", **options)(torch.randn(2, 4))
+    return [str(w.message) for w in caught if issubclass(w.category, fxstream.FxstreamWarning)]
+
+
+def test_an_attention_or_norm_option_that_covers_no_op_warns() -> None:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    normed = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3)).eval()
+    rms = nn.Sequential(nn.Linear(4, 8), nn.RMSNorm(8), nn.Linear(8, 3)).eval()
+    assert [m.split(":")[0] for m in _fxstream_warnings(mlp, norm="linearised", attention="linearised")] == \
+        ["attention='linearised' has no effect", "norm='linearised' has no effect"]
+    assert _fxstream_warnings(normed, norm="linearised") == []
+    assert _fxstream_warnings(rms, norm="linearised") == []
+    assert _fxstream_warnings(mlp) == []
