@@ -176,10 +176,10 @@ def _report_idle_options(paired: PairedGraph, options: StreamlineOptions) -> Non
         choice = options.rule_options.get(name, DEFAULT_RULE_OPTIONS[name])
         if choice == DEFAULT_RULE_OPTIONS[name]:
             continue
-        used = any(getattr(means.get(tag["of"]), "target", None) in targets or tag["rule"] in _OPTION_RULES.get(name, ())
-                   for tag in tags)
+        rules = _OPTION_RULES.get(name, set())
+        used = any(getattr(means.get(tag["of"]), "target", None) in targets or tag["rule"] in rules for tag in tags)
         if not used:
-            ops = ", ".join(sorted(str(t).split(".")[1] for t in targets) + sorted(_OPTION_RULES.get(name, ())))
+            ops = ", ".join(sorted(str(t).split(".")[1] for t in targets) + sorted(rules))
             warnings.warn(f"{name}='{choice}' has no effect: no op it covers ({ops}) receives an uncertain input "
                           "in this model", FxstreamWarning, stacklevel=2)
 

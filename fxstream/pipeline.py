@@ -102,7 +102,7 @@ def _sources(captured: CapturedGraph, options: StreamlineOptions) -> dict[str, S
             if name in wanted:
                 cov = posterior.covariance(name)
                 sources[placeholder_name] = Source(cov.kind, _placed(name, cov.tensors, tensors[name], lost))
-        _warn_lost(lost, {tensors[name].dtype for name in lost})
+        _warn_lost(lost, {covariance_dtype(tensors[name].dtype) for name in lost})
     given = options.input_var if options.input_var is not None else options.input_cov
     if given is not None:
         inputs = [p for p in captured.inputs() if torch.is_floating_point(p.tensor)]
@@ -123,7 +123,7 @@ def _placed(name: str, tensors: tuple[torch.Tensor, ...], param: torch.Tensor,
     cast to the model's precision is how the rules compute (float32 for a float16 model, see
     :func:`fxstream.rules.registry.covariance_dtype`). A cast that loses the covariance is
     not silent: entries beyond the dtype's range raise, naming the parameter, and nonzero entries
-    that round to zero (a float16 model with variances below 6e-8) are counted in ``lost`` per
+    that round to zero (a float64 posterior's 1e-50 in float32) are counted in ``lost`` per
     parameter for one warning. A meta tensor (no values) on either side is rejected.
     """
     if param.device.type == "meta":
@@ -140,8 +140,9 @@ def _placed(name: str, tensors: tuple[torch.Tensor, ...], param: torch.Tensor,
             back = cast.to(tensor.device)
             if not torch.isfinite(back).all():
                 raise PosteriorMismatchError(
-                    f"the posterior's covariance of parameter '{name}' overflows the model's dtype {param.dtype} "
-                    f"(largest magnitude {tensor.abs().max().item():.3g}); run the model in a wider dtype")
+                    f"the posterior's covariance of parameter '{name}' overflows {cast.dtype}, the dtype the "
+                    f"model's covariances are computed in (largest magnitude {tensor.abs().max().item():.3g}); "
+                    "rescale it or run the model in a wider dtype")
             lost[name] = lost.get(name, 0) + int(((back == 0) & (tensor != 0)).sum())
         moved.append(cast)
     return tuple(moved)
@@ -153,9 +154,9 @@ def _warn_lost(lost: dict[str, int], dtypes: set[torch.dtype]) -> None:
     if lost:
         worst = ", ".join(f"'{n}' ({lost[n]})" for n in sorted(lost, key=lost.get, reverse=True)[:3])
         warnings.warn(
-            f"{sum(lost.values())} nonzero covariance entries of {len(lost)} parameter(s) round to zero in the "
-            f"model's dtype ({', '.join(sorted(map(str, dtypes)))}) and are dropped (most in {worst}): they are "
-            "below what the dtype holds (float16: 6e-8); run the model in float32 or bfloat16 if they matter",
+            f"{sum(lost.values())} nonzero covariance entries of {len(lost)} parameter(s) round to zero in "
+            f"{', '.join(sorted(map(str, dtypes)))}, the dtype the model's covariances are computed in, and are "
+            f"dropped (most in {worst}); run the model in a wider dtype if they matter",
             FxstreamWarning, stacklevel=3)
 
 

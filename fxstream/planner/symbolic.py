@@ -61,7 +61,8 @@ def _subs(capture_: SymbolicCapture, sizes: Mapping[str, int]) -> dict:
     return {capture_.symbols[name]: value for name, value in sizes.items() if name in capture_.symbols}
 
 
-def capture_symbolic(model: torch.nn.Module, args: tuple, dims: Dims, output: str | int | None = None) -> SymbolicCapture:
+def capture_symbolic(model: torch.nn.Module, args: tuple, dims: Dims,
+                     output: str | int | None = None) -> SymbolicCapture:
     """Capture ``model(*args)`` with the dimensions in ``dims`` symbolic; everything else static.
 
     The graph returns the one output a streamlined model predicts (``output``, as in
