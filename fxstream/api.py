@@ -267,7 +267,8 @@ def streamline(
 
         if example_inputs is None or posterior is None:
             raise FxstreamError("budget= needs a posterior and example_inputs= (a typical call's inputs)")
-        chosen = plan(model, example_inputs, posterior, budget, sizes=sizes, rule_options=rule_options)
+        chosen = plan(model, example_inputs, posterior, budget, sizes=sizes, rule_options=rule_options,
+                      output=output)
         if activation_cov != "diag" and chosen.activation_cov != activation_cov:
             warnings.warn(f"with budget= the plan chooses the activation covariance: it chose "
                           f"'{chosen.activation_cov}', so activation_cov='{activation_cov}' has no effect",

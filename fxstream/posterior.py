@@ -203,7 +203,7 @@ class Diagonal(Posterior):
                 raise PosteriorMismatchError(
                     f"variance of parameter '{name}' must be a tensor, got {type(var).__name__}"
                 )
-            var = var.detach()
+            var = _with_values(name, var.detach(), "variance")
             if not torch.is_floating_point(var):
                 raise PosteriorMismatchError(
                     f"variance of parameter '{name}' must be floating point, got {var.dtype}"
@@ -287,11 +287,19 @@ def _check_shapes(expected: Mapping[str, tuple[int, ...]], parameters: Mapping[s
             )
 
 
+def _with_values(name: str, tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """``tensor``, unless it is a meta tensor (shape only): a posterior needs its values."""
+    if tensor.device.type == "meta":
+        raise PosteriorMismatchError(f"{what} of parameter '{name}' is on the meta device (it has no values); "
+                                     "give it with its values, on the CPU or the model's device")
+    return tensor
+
+
 def _checked(name: str, tensor: torch.Tensor, what: str) -> torch.Tensor:
     """A detached floating-point tensor with finite entries, or a PosteriorMismatchError."""
     if not isinstance(tensor, torch.Tensor):
         raise PosteriorMismatchError(f"{what} of parameter '{name}' must be a tensor, got {type(tensor).__name__}")
-    tensor = tensor.detach()
+    tensor = _with_values(name, tensor.detach(), what)
     if not torch.is_floating_point(tensor):
         raise PosteriorMismatchError(f"{what} of parameter '{name}' must be floating point, got {tensor.dtype}")
     if not torch.isfinite(tensor).all():
