@@ -14,7 +14,9 @@ import torch._dynamo
 from .backend import StreamlineOptions, Streamlined, compile_streamlined, predictive
 from .errors import FxstreamError, FxstreamWarning, GraphBreakError, PosteriorMismatchError
 from .posterior import Entries, ParameterCovariance, Posterior
+from .pipeline import placed, warn_lost
 from .predictive import Predictive
+from .rules.registry import covariance_dtype
 
 
 class StreamlinedModel(torch.nn.Module):
@@ -138,19 +140,22 @@ def select_output(out: Any, output: str | int | None = None) -> torch.Tensor:
 
 
 def _owned(posterior: Posterior, model: torch.nn.Module) -> Posterior:
-    """The posterior's covariances as tensors of its own, in each parameter's dtype and device: the buffers
-    every graph reads, which set_posterior overwrites without touching the caller's posterior. A tensor
-    two parameters share (a layer's joint weight-bias block) stays shared."""
+    """The posterior's covariances as tensors of its own, on each parameter's device and in the dtype its
+    covariances are computed in (:func:`fxstream.pipeline.placed`, which checks the cast): the buffers every
+    graph reads, which set_posterior overwrites without touching the caller's posterior. A tensor two
+    parameters share (a layer's joint weight-bias block) stays shared."""
     params = dict(model.named_parameters())
-    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    copies: dict[int, torch.Tensor] = {}
+    lost: dict[str, int] = {}
     entries = {}
     for name in posterior.parameter_names():
         cov = posterior.covariance(name)
-        param = params[name]
         for t in cov.tensors:
             if id(t) not in copies:
-                copies[id(t)] = (t, t.detach().to(dtype=param.dtype, device=param.device, copy=True))
-        entries[name] = ParameterCovariance(cov.kind, tuple(copies[id(t)][1] for t in cov.tensors), cov.shape)
+                (cast,) = placed(name, (t,), params[name], lost)
+                copies[id(t)] = cast.clone() if cast is t else cast
+        entries[name] = ParameterCovariance(cov.kind, tuple(copies[id(t)] for t in cov.tensors), cov.shape)
+    warn_lost(lost, {covariance_dtype(params[name].dtype) for name in lost})
     return Entries(entries)
 
 

@@ -101,8 +101,8 @@ def _sources(captured: CapturedGraph, options: StreamlineOptions) -> dict[str, S
         for placeholder_name, name in by_name.items():
             if name in wanted:
                 cov = posterior.covariance(name)
-                sources[placeholder_name] = Source(cov.kind, _placed(name, cov.tensors, tensors[name], lost))
-        _warn_lost(lost, {covariance_dtype(tensors[name].dtype) for name in lost})
+                sources[placeholder_name] = Source(cov.kind, placed(name, cov.tensors, tensors[name], lost))
+        warn_lost(lost, {covariance_dtype(tensors[name].dtype) for name in lost})
     given = options.input_var if options.input_var is not None else options.input_cov
     if given is not None:
         inputs = [p for p in captured.inputs() if torch.is_floating_point(p.tensor)]
@@ -115,7 +115,7 @@ def _sources(captured: CapturedGraph, options: StreamlineOptions) -> dict[str, S
     return sources
 
 
-def _placed(name: str, tensors: tuple[torch.Tensor, ...], param: torch.Tensor,
+def placed(name: str, tensors: tuple[torch.Tensor, ...], param: torch.Tensor,
             lost: dict[str, int]) -> tuple[torch.Tensor, ...]:
     """A parameter's covariance tensors moved to its device and cast to its dtype, where the rules run.
 
@@ -148,8 +148,8 @@ def _placed(name: str, tensors: tuple[torch.Tensor, ...], param: torch.Tensor,
     return tuple(moved)
 
 
-def _warn_lost(lost: dict[str, int], dtypes: set[torch.dtype]) -> None:
-    """One warning for the covariance entries that rounded to zero in the model's dtype (see :func:`_placed`)."""
+def warn_lost(lost: dict[str, int], dtypes: set[torch.dtype]) -> None:
+    """One warning for the covariance entries that rounded to zero in the model's dtype (see :func:`placed`)."""
     lost = {name: count for name, count in lost.items() if count}
     if lost:
         worst = ", ".join(f"'{n}' ({lost[n]})" for n in sorted(lost, key=lost.get, reverse=True)[:3])
