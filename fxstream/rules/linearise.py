@@ -20,7 +20,13 @@ TensorFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def push_forward(fn: TensorFn, mean: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
-    """J @ t for a stack of tangents (R, *mean.shape), J the Jacobian of fn at mean."""
+    """J @ t for a stack of tangents (R, *mean.shape), J the Jacobian of fn at mean.
+
+    Mean and tangents are made contiguous: forward AD gives a tangent whose
+    layout differs from its primal's a fresh buffer of the primal's layout,
+    which with symbolic sizes (a lowered dynamic graph) it cannot allocate.
+    """
+    mean, tangents = mean.contiguous(), tangents.contiguous()
     return vmap(lambda t: jvp(fn, (mean,), (t,))[1])(tangents)
 
 

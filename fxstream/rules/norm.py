@@ -18,6 +18,16 @@ def _eval_mode(call: RuleCall) -> str | None:
     return None
 
 
+def _eval_batch_norm(x, gamma, beta, running_mean, running_var, training, momentum, eps, cudnn_enabled):
+    """aten.batch_norm in eval mode written out: PyTorch's forward AD of the op itself fails on fake
+    tensors (``_fw_primal`` has no meta kernel there), so lowering could not differentiate it."""
+    channel = (-1,) + (1,) * (x.dim() - 2)
+    y = (x - running_mean.reshape(channel)) * torch.rsqrt(running_var + eps).reshape(channel)
+    if gamma is not None:
+        y = y * gamma.reshape(channel)
+    return y if beta is None else y + beta.reshape(channel)
+
+
 @register(aten.batch_norm.default, supports=_eval_mode)
 def batch_norm(call: RuleCall) -> torch.Tensor:
     """Eval-mode batch norm y = gamma * (x - mu_r) / sqrt(var_r + eps) + beta, an affine map per channel.
@@ -31,7 +41,7 @@ def batch_norm(call: RuleCall) -> torch.Tensor:
     channel = (-1,) + (1,) * (x.dim() - 2)
     inv_std = torch.rsqrt(running_var + eps).reshape(channel)
     if call.structure == "full":
-        cov = linearised_full(call)
+        cov = linearised_full(dataclasses.replace(call, op=_eval_batch_norm))
         if call.cov(0) is not None and call.cov(1) is not None and call.second_order:
             scale = (inv_std.expand_as(x[:1])).reshape(-1)
             normalised_cov = call.cov(0) * scale[:, None] * scale[None, :]
