@@ -97,7 +97,11 @@ def lower_to_aten(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return _Lifted(graph_module, dict(zip(names, args[count:]))).run(*args[:count])
 
     mode = "symbolic" if any(_is_symbolic(v) for v in values) else "fake"
-    traced = make_fx(run, tracing_mode=mode)(*values, *fake_attributes)
+    # opt_einsum plans a contraction order from concrete sizes, which would fix every symbolic size an
+    # einsum of three operands sees; without it torch contracts left to right, the order the rules write.
+    # (A process-wide flag, set only while Dynamo's compile lock is held.)
+    with torch.backends.opt_einsum.flags(enabled=False):
+        traced = make_fx(run, tracing_mode=mode)(*values, *fake_attributes)
     graph = traced.graph
     new_placeholders = list(graph.find_nodes(op="placeholder"))
     for node, old in zip(new_placeholders, placeholders):

@@ -149,6 +149,17 @@ def noise_product_full(act_cov: torch.Tensor, param: torch.Tensor, variance: tor
     return act_cov * factor_to_full(factor, act_cov.shape[0])
 
 
+def elementwise_full(cov: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """J S J^T for an elementwise map with derivative ``slope`` (the mean's shape): S scaled by d_i d_j.
+
+    One product, where a vmapped JVP would push every column of S through the map
+    (and, for some ops such as GELU, fix the batch size when lowered).
+    """
+    flat = slope.reshape(cov.shape[0], -1)
+    return cov * flat[:, :, None] * flat[:, None, :]
+
+
 def derivative(fn: TensorFn, mean: torch.Tensor) -> torch.Tensor:
-    """Elementwise derivative g'(mean) of an elementwise function."""
+    """Elementwise derivative g'(mean) of an elementwise function (contiguous mean: see :func:`push_forward`)."""
+    mean = mean.contiguous()
     return jvp(fn, (mean,), (torch.ones_like(mean),))[1]
