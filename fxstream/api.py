@@ -14,8 +14,8 @@ import torch._dynamo
 import torch.fx.experimental._config
 
 from .backend import StreamlineOptions, Streamlined, compile_streamlined, predictive
-from .errors import FxstreamError, FxstreamWarning, GraphBreakError
-from .posterior import Posterior
+from .errors import FxstreamError, FxstreamWarning, GraphBreakError, PosteriorMismatchError
+from .posterior import Entries, ParameterCovariance, Posterior
 from .predictive import Predictive
 
 
@@ -31,6 +31,9 @@ class StreamlinedModel(torch.nn.Module):
     signature, and ``MAX_GRAPHS`` at the most (see docs/index.md).
     ``graphs`` holds every compiled graph for inspection. One instance serves
     concurrent calls from many threads.
+    ``posterior`` is the posterior it predicts with; the graphs read a copy of
+    its tensors (in the parameters' dtype and device) that :meth:`set_posterior`
+    overwrites in place.
     """
 
     #: Dynamo's recompile limit for one StreamlinedModel; beyond it a call raises rather than compile again.
@@ -39,6 +42,9 @@ class StreamlinedModel(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, options: StreamlineOptions, output: str | int | None) -> None:
         super().__init__()
         self.model = model
+        self.posterior = options.posterior
+        if options.posterior is not None:
+            options.posterior = _owned(options.posterior, model)
         self.options = options
         self.output = output
         self.graphs: list[Streamlined] = []
@@ -92,6 +98,51 @@ class StreamlinedModel(torch.nn.Module):
     def _select(self, out: Any) -> torch.Tensor:
         return select_output(out, self.output)
 
+    def set_posterior(self, posterior: Posterior) -> None:
+        """Predict with ``posterior`` from now on, without a new capture or compile.
+
+        Its tensors are copied into the buffers every compiled graph reads, so it must have the
+        structure of the current one: the same parameters, each with the same covariance kind and
+        tensor shapes (``with_prior_precision`` and ``scaled`` keep them). Anything else raises
+        :class:`PosteriorMismatchError` naming the parameter; streamline again for a new structure.
+        """
+        live = self.options.posterior
+        if live is None:
+            raise FxstreamError("this model was streamlined without a weight posterior, so it has none to replace; "
+                                "call fxstream.streamline(model, posterior) instead")
+        if not isinstance(posterior, Posterior):
+            raise PosteriorMismatchError(f"set_posterior takes an fxstream posterior such as fxstream.Diagonal, got "
+                                         f"{type(posterior).__name__}")
+        names, given = live.parameter_names(), posterior.parameter_names()
+        for name in given:
+            if name not in names:
+                raise PosteriorMismatchError(
+                    f"the new posterior covers parameter '{name}', which the streamlined posterior leaves "
+                    "deterministic; streamline again to change which parameters are uncertain"
+                )
+        for name in names:
+            if name not in given:
+                raise PosteriorMismatchError(
+                    f"the new posterior leaves parameter '{name}' out, which the streamlined posterior covers; "
+                    "give it a zero covariance (posterior.scaled({...: 0})) or streamline again"
+                )
+        posterior.validate(dict(self.model.named_parameters()))
+        copies = []
+        for name in names:
+            old, new = live.covariance(name), posterior.covariance(name)
+            old_shapes, new_shapes = [tuple(t.shape) for t in old.tensors], [tuple(t.shape) for t in new.tensors]
+            if old.kind != new.kind or old_shapes != new_shapes:
+                raise PosteriorMismatchError(
+                    f"parameter '{name}' has covariance '{new.kind}' with tensor shapes {new_shapes} in the new "
+                    f"posterior, but the model was streamlined for '{old.kind}' with {old_shapes}; set_posterior "
+                    "keeps the structure (with_prior_precision and scaled do): streamline again for another"
+                )
+            copies.extend(zip(old.tensors, new.tensors))
+        with torch.no_grad():
+            for buffer, tensor in copies:
+                buffer.copy_(tensor)
+        self.posterior = posterior
+
 
 def select_output(out: Any, output: str | int | None = None) -> torch.Tensor:
     """The tensor a streamlined model predicts from the model's output: ``output`` picks it by key or
@@ -107,6 +158,23 @@ def select_output(out: Any, output: str | int | None = None) -> torch.Tensor:
     if isinstance(out, (list, tuple)):
         return next(v for v in out if isinstance(v, torch.Tensor))
     raise FxstreamError(f"cannot find a tensor in the model's output of type {type(out).__name__}")
+
+
+def _owned(posterior: Posterior, model: torch.nn.Module) -> Posterior:
+    """The posterior's covariances as tensors of its own, in each parameter's dtype and device: the buffers
+    every graph reads, which set_posterior overwrites without touching the caller's posterior. A tensor
+    two parameters share (a layer's joint weight-bias block) stays shared."""
+    params = dict(model.named_parameters())
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    entries = {}
+    for name in posterior.parameter_names():
+        cov = posterior.covariance(name)
+        param = params[name]
+        for t in cov.tensors:
+            if id(t) not in copies:
+                copies[id(t)] = (t, t.detach().to(dtype=param.dtype, device=param.device, copy=True))
+        entries[name] = ParameterCovariance(cov.kind, tuple(copies[id(t)][1] for t in cov.tensors), cov.shape)
+    return Entries(entries)
 
 
 class _BackwardHooksAside:
@@ -176,6 +244,7 @@ def streamline(
     residual: Literal["paper", "linearised"] = "paper",
     variance_matmul: Literal["exact", "bfloat16"] = "exact",
     products: Literal["moments", "linearised"] = "moments",
+    joins: Literal["independent", "exact"] = "independent",
     backend: Literal["inductor", "eager"] = "inductor",
     output: str | int | None = None,
     budget: int | str | None = None,
@@ -213,7 +282,16 @@ def streamline(
             uncertain factors (weight times input, activation times activation): the exact
             moments of each such op, as in the paper. "linearised" drops it: first order
             throughout, the linearised-Laplace (GLM) predictive, which the pass then equals
-            exactly with activation_cov="full" (weights independent across layers).
+            exactly with activation_cov="full" (weights independent across layers) on networks
+            without branches.
+        joins: "independent" treats the inputs of an op that share an uncertain ancestor (a
+            residual add, attention's Q/K/V, a gate times its up projection, a DenseNet concat)
+            as independent, as the paper does. "exact" (needs activation_cov="full") carries
+            every activation's cross-covariance with the activations still to be read and adds
+            it where they meet: with the "linearised" options the predictive is then J Sigma J^T
+            for any architecture (parameters read twice, such as tied embeddings, excepted).
+            Costs a cross-covariance per pair of live activations (a residual stream and the
+            block's current tensor: about 2-4x the full pass).
         backend: "inductor" compiles the rewritten graph; "eager" runs it as an FX GraphModule.
         output: the key or index of the output to return the predictive of, for models returning
             a dict, dataclass or tuple (default: "logits" if present, else the first tensor).
@@ -225,14 +303,16 @@ def streamline(
     if model.training:
         raise FxstreamError("the model is in training mode; call model.eval() before streamline()")
     rule_options = {"attention": attention, "norm": norm, "residual": residual,
-                    "variance_matmul": variance_matmul, "products": products}
+                    "variance_matmul": variance_matmul, "products": products,
+                    "joins": joins}
     chosen = None
     if budget is not None:
         from .planner import plan
 
         if example_inputs is None or posterior is None:
             raise FxstreamError("budget= needs a posterior and example_inputs= (a typical call's inputs)")
-        chosen = plan(model, example_inputs, posterior, budget, sizes=sizes, rule_options=rule_options)
+        chosen = plan(model, example_inputs, posterior, budget, sizes=sizes, rule_options=rule_options,
+                      output=output)
         if activation_cov != "diag" and chosen.activation_cov != activation_cov:
             warnings.warn(f"with budget= the plan chooses the activation covariance: it chose "
                           f"'{chosen.activation_cov}', so activation_cov='{activation_cov}' has no effect",

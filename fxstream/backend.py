@@ -24,6 +24,7 @@ from .posterior import Posterior
 from .predictive import Predictive
 from .rules.linearise import full_to_diag
 from .rules import DEFAULT_RULE_OPTIONS, RULE_OPTIONS
+from .rules.patterns import SOFTMAX
 from .rules.residual import warn_uncovered_joins
 
 _PREDICTIVES: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -63,6 +64,9 @@ class StreamlineOptions:
                 raise FxstreamError(f"unknown rule option {name}={choice!r}; allowed: {allowed}")
         if self.activation_cov not in ("diag", "full"):
             raise FxstreamError(f"activation_cov must be 'diag' or 'full', got '{self.activation_cov}'")
+        if self.rule_options.get("joins") == "exact" and self.activation_cov != "full":
+            raise FxstreamError("joins='exact' carries cross-covariances between activations, which needs "
+                                "activation_cov='full'; for diagonal activations use residual='linearised'")
         if self.likelihood not in (None, "classification", "regression"):
             raise FxstreamError(
                 f"likelihood must be 'classification', 'regression' or None, got '{self.likelihood}'"
@@ -140,12 +144,53 @@ def compile_streamlined(gm: torch.fx.GraphModule, example_inputs: list, options:
     rewritten = rewrite(captured, options)
     if options.rule_options.get("residual") == "linearised":
         _report_residual_joins(captured, rewritten.paired, options)
+    _report_correlated_parameters(rewritten.paired)
+    _report_idle_options(rewritten.paired, options)
     lowered = lower(rewritten.paired)
     streamlined = Streamlined(captured, rewritten.paired, rewritten.report, options, lowered,
                               compile_graph(lowered, example_inputs, options.backend))
     if options.on_compile is not None:
         options.on_compile(streamlined)
     return streamlined
+
+
+def _report_correlated_parameters(paired: PairedGraph) -> None:
+    """Warn once where an op copied or mixed the entries of a parameter before they met data (see pair pass)."""
+    modules = sorted({node.meta["fxstream"]["marginal"] for node in paired.graph_module.graph.nodes
+                      if "marginal" in node.meta.get("fxstream", {})})
+    if modules:
+        warnings.warn(
+            f"{len(modules)} module(s) copy or mix the entries of an uncertain parameter before it meets data "
+            f"({', '.join(modules[:4])}{', ...' if len(modules) > 4 else ''}): each entry keeps its variance, "
+            "but the correlation between the copies is dropped. Leave those parameters out of the posterior "
+            "if that matters for your use.", FxstreamWarning, stacklevel=2)
+
+
+# The ops whose covariance the "attention" and "norm" rule options change (the eager attention's softmax and a
+# hand-written RMSNorm's join are found by the patterns of rules/patterns.py and tagged by their rules).
+_OPTION_TARGETS = {
+    "attention": {torch.ops.aten.scaled_dot_product_attention.default, *SOFTMAX},
+    "norm": {torch.ops.aten.layer_norm.default, torch.ops.aten.group_norm.default},
+}
+_OPTION_RULES = {"norm": {"rms_norm_linearised"}}
+
+
+def _report_idle_options(paired: PairedGraph, options: StreamlineOptions) -> None:
+    """Warn where attention= or norm= was set away from its default but no op of the graph it covers carries
+    covariance, so the choice changes nothing (e.g. norm="linearised" on a model without layer norms)."""
+    graph = paired.graph_module.graph
+    means = {node.name: node for node in graph.nodes}
+    tags = [node.meta["fxstream"] for node in graph.nodes if node.meta.get("fxstream", {}).get("role") == "cov"]
+    for name, targets in _OPTION_TARGETS.items():
+        choice = options.rule_options.get(name, DEFAULT_RULE_OPTIONS[name])
+        if choice == DEFAULT_RULE_OPTIONS[name]:
+            continue
+        rules = _OPTION_RULES.get(name, set())
+        used = any(getattr(means.get(tag["of"]), "target", None) in targets or tag["rule"] in rules for tag in tags)
+        if not used:
+            ops = ", ".join(sorted(str(t).split(".")[1] for t in targets) + sorted(rules))
+            warnings.warn(f"{name}='{choice}' has no effect: no op it covers ({ops}) receives an uncertain input "
+                          "in this model", FxstreamWarning, stacklevel=2)
 
 
 def _report_residual_joins(captured: CapturedGraph, paired: PairedGraph, options: StreamlineOptions) -> None:

@@ -12,17 +12,19 @@ reported as a :class:`PassError` naming the pass.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import FxstreamError, PassError, PosteriorMismatchError
+from .errors import FxstreamError, FxstreamWarning, PassError, PosteriorMismatchError
 from .passes import CapturedGraph, PairedGraph, PruneReport, Source, lower_to_aten, pair, prune
 from .passes.decompose import decompose
 from .passes.lower import is_plain_aten
 from .passes.pair import ROLE
+from .rules.registry import covariance_dtype
 
 if TYPE_CHECKING:
     from .backend import StreamlineOptions
@@ -41,7 +43,8 @@ def rewrite(captured: CapturedGraph, options: StreamlineOptions, structure: str 
     """decompose -> pair -> prune on ``captured`` under ``options`` (``structure`` overrides activation_cov)."""
     sources = _sources(captured, options)
     structure = structure or options.activation_cov
-    decomposed = _run("decompose", lambda: decompose(captured, sources), requires=lambda: _functional(captured))
+    decomposed = _run("decompose", lambda: decompose(captured, sources), requires=lambda: _functional(captured),
+                      ensures=lambda _: _functional(captured))
     paired = _run("pair", lambda: pair(captured, sources, structure, options.outputs, options.rule_options))
     report = _run("prune", lambda: prune(paired), ensures=lambda _: paired.graph_module.graph.lint())
     return Rewritten(paired, report, decomposed)
@@ -69,11 +72,12 @@ def _run(name: str, call: Callable[[], Any], requires: Callable[[], None] | None
 
 
 def _functional(captured: CapturedGraph) -> None:
-    """Capture hands over a functional graph: no op that writes into its arguments."""
+    """Capture and decompose hand over a functional graph: no op that writes into its arguments."""
     for node in captured.graph_module.graph.nodes:
         schema = getattr(node.target, "_schema", None)
         if node.op == "call_function" and schema is not None and schema.is_mutable:
-            raise FxstreamError(f"capture left the in-place op {node.target} ({node.name}) in the graph")
+            raise FxstreamError(f"the graph holds the in-place op {node.target} ({node.name}); the passes need "
+                                "functional ops, so this is a bug in fxstream: please report it with the model")
 
 
 def _pruned(paired: PairedGraph) -> None:
@@ -122,23 +126,67 @@ def _sources(captured: CapturedGraph, options: StreamlineOptions) -> dict[str, S
                     "fullgraph=True to see the break, since covariance cannot cross one"
                 )
             posterior.validate(tensors)
+        lost: dict[str, int] = {}
         for placeholder_name, name in by_name.items():
             if name in wanted:
                 cov = posterior.covariance(name)
-                param = tensors[name]
-                sources[placeholder_name] = Source(
-                    cov.kind, tuple(t.to(dtype=param.dtype, device=param.device) for t in cov.tensors)
-                )
+                sources[placeholder_name] = Source(cov.kind, _placed(name, cov.tensors, tensors[name], lost))
+        _warn_lost(lost, {covariance_dtype(tensors[name].dtype) for name in lost})
     given = options.input_var if options.input_var is not None else options.input_cov
     if given is not None:
         inputs = [p for p in captured.inputs() if torch.is_floating_point(p.tensor)]
         if not inputs:
             raise FxstreamError("input_var / input_cov given, but the model has no floating-point input")
         first = inputs[0]
-        buffer = torch.as_tensor(given, dtype=first.tensor.dtype, device=first.tensor.device)
+        buffer = torch.as_tensor(given, dtype=covariance_dtype(first.tensor.dtype), device=first.tensor.device)
         _check_input_uncertainty(buffer, first.tensor, diagonal=options.input_var is not None)
         sources[first.name] = Source("diag" if options.input_var is not None else "full", (buffer,))
     return sources
+
+
+def _placed(name: str, tensors: tuple[torch.Tensor, ...], param: torch.Tensor,
+            lost: dict[str, int]) -> tuple[torch.Tensor, ...]:
+    """A parameter's covariance tensors moved to its device and cast to its dtype, where the rules run.
+
+    Moving is what a user wants (a posterior loads on the CPU; the model may sit on a GPU) and a
+    cast to the model's precision is how the rules compute (float32 for a float16 model, see
+    :func:`fxstream.rules.registry.covariance_dtype`). A cast that loses the covariance is
+    not silent: entries beyond the dtype's range raise, naming the parameter, and nonzero entries
+    that round to zero (a float64 posterior's 1e-50 in float32) are counted in ``lost`` per
+    parameter for one warning. A meta tensor (no values) on either side is rejected.
+    """
+    if param.device.type == "meta":
+        raise PosteriorMismatchError(f"parameter '{name}' of the model is on the meta device (it has no values); "
+                                     "load the model's weights (e.g. model.to_empty(...) and load_state_dict) first")
+    moved = []
+    for tensor in tensors:
+        if tensor.device.type == "meta":
+            raise PosteriorMismatchError(
+                f"the posterior's covariance of parameter '{name}' is on the meta device (it has no values); "
+                f"build or load it with its values, e.g. fxstream.load_posterior(path, device='{param.device}')")
+        cast = tensor.to(dtype=covariance_dtype(param.dtype), device=param.device)
+        if cast.dtype != tensor.dtype and tensor.is_floating_point():
+            back = cast.to(tensor.device)
+            if not torch.isfinite(back).all():
+                raise PosteriorMismatchError(
+                    f"the posterior's covariance of parameter '{name}' overflows {cast.dtype}, the dtype the "
+                    f"model's covariances are computed in (largest magnitude {tensor.abs().max().item():.3g}); "
+                    "rescale it or run the model in a wider dtype")
+            lost[name] = lost.get(name, 0) + int(((back == 0) & (tensor != 0)).sum())
+        moved.append(cast)
+    return tuple(moved)
+
+
+def _warn_lost(lost: dict[str, int], dtypes: set[torch.dtype]) -> None:
+    """One warning for the covariance entries that rounded to zero in the model's dtype (see :func:`_placed`)."""
+    lost = {name: count for name, count in lost.items() if count}
+    if lost:
+        worst = ", ".join(f"'{n}' ({lost[n]})" for n in sorted(lost, key=lost.get, reverse=True)[:3])
+        warnings.warn(
+            f"{sum(lost.values())} nonzero covariance entries of {len(lost)} parameter(s) round to zero in "
+            f"{', '.join(sorted(map(str, dtypes)))}, the dtype the model's covariances are computed in, and are "
+            f"dropped (most in {worst}); run the model in a wider dtype if they matter",
+            FxstreamWarning, stacklevel=3)
 
 
 def _check_input_uncertainty(buffer: torch.Tensor, x: torch.Tensor, diagonal: bool) -> None:

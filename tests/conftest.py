@@ -7,6 +7,19 @@ import torch
 
 import fxstream  # noqa: F401  (before any test imports transformers, timm or laplace-torch: see fxstream._compat)
 
+try:  # property-based tests (tests/test_properties.py): a fixed, derandomised set in CI, seconds long;
+    # `pytest --hypothesis-profile=long` searches further with fresh random examples.
+    from hypothesis import HealthCheck, Phase, settings
+
+    settings.register_profile("ci", max_examples=8, derandomize=True, deadline=None, database=None,
+                              phases=[Phase.explicit, Phase.generate],
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("long", max_examples=300, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.load_profile("ci")
+except ImportError:  # a test dependency (pyproject's [test] extra); test_properties.py skips without it
+    pass
+
 
 @pytest.fixture(autouse=True)
 def seeded() -> None:

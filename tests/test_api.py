@@ -346,6 +346,9 @@ def test_capture_needs_dynamos_graph_and_matching_inputs() -> None:
         capture(traced, [torch.randn(2, 4)])
 
 
-def test_planning_needs_a_batch_of_at_least_two() -> None:
-    with pytest.raises(fxstream.CaptureError, match="needs size >= 2 in dim 0"):
-        fxstream.streamline(linear(), some_posterior(), budget="1MiB", example_inputs=torch.randn(1, 4))
+def test_planning_takes_a_batch_of_one_and_rejects_an_empty_one() -> None:
+    """Dynamo cannot make a size-1 dimension symbolic: capture widens it to two copies; the plan is for batch 1."""
+    streamlined = fxstream.streamline(linear(), some_posterior(), budget="1MiB", example_inputs=torch.randn(1, 4))
+    assert streamlined.plan.sizes == {"batch": 1}
+    with pytest.raises(fxstream.CaptureError, match="empty in dim 0"):
+        fxstream.streamline(linear(), some_posterior(), budget="1MiB", example_inputs=torch.randn(0, 4))

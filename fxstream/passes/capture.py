@@ -106,7 +106,7 @@ def capture(dynamo_gm: torch.fx.GraphModule, example_inputs: list) -> CapturedGr
     mode = "symbolic" if any(_is_symbolic(v) for v in fake_values) else "fake"
     with fx_traceback.preserve_node_meta(), enable_python_dispatcher(), \
             FunctionalTensorMode(pre_dispatch=True, export=True):
-        aten_gm = make_fx(_functional(torch.fx.Interpreter(dynamo_gm).run), pre_dispatch=True,
+        aten_gm = make_fx(functional(torch.fx.Interpreter(dynamo_gm).run), pre_dispatch=True,
                           tracing_mode=mode)(*fake_values)
     aten_gm.graph.eliminate_dead_code()
     aten_gm.recompile()
@@ -115,7 +115,7 @@ def capture(dynamo_gm: torch.fx.GraphModule, example_inputs: list) -> CapturedGr
     return CapturedGraph(aten_gm, placeholders, list(example_inputs))
 
 
-def _functional(fn):
+def functional(fn):
     """``fn`` on functional tensors: every mutation it makes is traced as a functional op."""
 
     def unwrap(tensor: FunctionalTensor) -> torch.Tensor:

@@ -21,11 +21,13 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 from torch._decomp import core_aten_decompositions, decomposition_table
+from torch._dispatch.python import enable_python_dispatcher
 from torch._ops import OpOverload
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..rules import RULES, VALUE_INDEPENDENT, rule_for
-from .capture import CapturedGraph
+from .capture import CapturedGraph, functional
 
 aten = torch.ops.aten
 
@@ -119,7 +121,11 @@ def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
 
     mode = "symbolic" if any(_symbolic(v) for v in values) else "fake"
     try:
-        sub = make_fx(call, tracing_mode=mode)(*values)
+        # Functionalized as capture is: a decomposition may update its own intermediates in place
+        # (rms_norm adds eps with ``add_``), and the pair pass needs functional ops (and the RMSNorm
+        # pattern of rules/patterns.py an out-of-place add).
+        with enable_python_dispatcher(), FunctionalTensorMode(export=True):
+            sub = make_fx(functional(call), tracing_mode=mode)(*values)
     except Exception:  # a decomposition that declines these arguments (NotImplemented, asserts)
         return False
     if any(n.op == "call_function" and n.target is op for n in sub.graph.nodes):

@@ -28,8 +28,7 @@ from ..rules.residual import residual_covariance, residual_joins
 from ..rules.registry import ACTIVATION_STRUCTURES, RuleCall
 from .capture import CapturedGraph, module_path
 from .decompose import DECOMPOSED_FROM
-
-ROLE = "fxstream"
+from .joins import ROLE, CrossCovariances
 # A rule node's arguments are (args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure, options, batch):
 # the positions later passes read them at.
 RULE_ARGS, RULE_COVS, RULE_KINDS, RULE_KW_KINDS, RULE_OUT, RULE_STRUCTURE = 0, 2, 4, 5, 6, 7
@@ -135,6 +134,10 @@ class Pairing:
         self.kind: dict[torch.fx.Node, object] = {}
         self.data_dependent: set[torch.fx.Node] = set()
         self.input_names = {p.name for p in captured.inputs()}
+        self.crosses = CrossCovariances(self.graph, self.mean, self.cov, self.kind, self.options) \
+            if self.options["joins"] == "exact" and structure == "full" else None
+        if self.crosses is not None:  # the cross-covariances make every join exact; no pattern needed
+            self.joins, self.rms, self.residuals = {}, {}, {}
         self.first_input: torch.fx.Node | None = None
         self.batch: torch.fx.Node | None = None  # the input's leading size, made once for full-structure rules
 
@@ -145,6 +148,8 @@ class Pairing:
                 output_node = node
                 break
             self.copy_mean(node)
+            if self.crosses is not None:
+                self.crosses.consume(node)
             getattr(self, node.op)(node)
         if output_node is None:
             raise CaptureError("captured graph has no output")
@@ -175,6 +180,8 @@ class Pairing:
             self.kind[node] = source.kind
         _tag(cov_node, node, "source")
         self.cov[node] = cov_node
+        if self.crosses is not None:
+            self.crosses.add_source(node)
 
     def get_attr(self, node: torch.fx.Node) -> None:
         _copy_attribute(self.captured.graph_module, self.root, node.target)
@@ -196,6 +203,8 @@ class Pairing:
         else:
             self.cov[node] = self.rule(node, uncertain, out_structure)
         self.kind[node] = out_structure
+        if self.crosses is not None and out_structure == "full" and not isinstance(node.meta.get("val"), (list, tuple)):
+            self.cov[node] = self.crosses.joined(node, self.cov[node])
 
     def call_module(self, node: torch.fx.Node) -> None:
         raise CaptureError(f"captured graph calls module '{node.target}'; capture should have inlined it")
@@ -208,6 +217,8 @@ class Pairing:
         self.cov[node] = self.graph.call_function(operator.getitem, (self.cov[source_node], index))
         self.kind[node] = _item(self.kind[source_node], index)
         _tag(self.cov[node], node, "getitem")
+        if self.crosses is not None and self.kind[node] == "full":
+            self.cov[node] = self.crosses.joined(node, self.cov[node], pick=index)
 
     def region(self, node: torch.fx.Node, region, out_structure: str) -> torch.fx.Node:
         """An elementwise region whose paths rejoin: linearised as one function of its source."""
@@ -243,13 +254,15 @@ class Pairing:
         kw_covs = map_aggregate(dict(node.kwargs), self.looked_up(self.cov))
         kinds = map_aggregate(node.args, self.looked_up(self.kind))
         kw_kinds = map_aggregate(dict(node.kwargs), self.looked_up(self.kind))
-        problem = _rule_problem(rule, out_structure, uncertain, self.kind)
+        marginal = _marginal_structure(rule, out_structure)
+        structure = marginal or out_structure
+        problem = _rule_problem(rule, structure, uncertain, self.kind)
         if problem is None and rule.supports is not None:
             example = lambda a: a.meta.get("val") if isinstance(a, torch.fx.Node) else a  # noqa: E731
             problem = rule.supports(RuleCall(
                 node.target, map_aggregate(node.args, example), map_aggregate(dict(node.kwargs), example),
                 tuple(None if i in unread else k for i, k in enumerate(kinds)), kw_kinds, kinds, kw_kinds,
-                node.meta.get("val"), out_structure, self.options))
+                node.meta.get("val"), structure, self.options))
         if problem is not None:
             return self.unsupported(node, problem)
         new = self.mean[node]
@@ -257,10 +270,12 @@ class Pairing:
         kwargs = map_aggregate(dict(node.kwargs), self.looked_up(self.mean, keep=True))
         cov_node = self.graph.call_function(
             rule.graph_target,
-            (args, kwargs, covs, kw_covs, kinds, kw_kinds, new, out_structure, self.options,
-             self.batch_for(out_structure)),
+            (args, kwargs, covs, kw_covs, kinds, kw_kinds, new, structure, self.options,
+             self.batch_for(structure)),
         )
         _tag(cov_node, node, rule.name)
+        if marginal:
+            cov_node.meta[ROLE]["marginal"] = module_path(node)
         residual = self.residuals.get(node)
         if residual is not None and self.kind.get(residual.fork) == "diag" and out_structure == "diag":
             cov_node = self.residual_join(node, residual, cov_node)
@@ -353,6 +368,21 @@ def _item(kinds, index):
 def _param_kind(uncertain: list[torch.fx.Node], kind: dict) -> str:
     kinds = {kind[n] for n in uncertain}
     return kinds.pop() if len(kinds) == 1 else "mixed:" + ",".join(sorted(map(str, kinds)))
+
+
+def _marginal_structure(rule, out_structure: str) -> str | None:
+    """"diag" where an op mixes or copies the entries of a diagonal parameter posterior before they meet data.
+
+    Such an op (an index into a bias table, a repeat, a kernel standardised by its
+    own statistics, a convolution of a fixed positional grid) correlates its
+    outputs. Its rule's diagonal structure gives each output entry's variance
+    (exact for the routing ops, first order otherwise); the result stays a
+    ``param_diag`` whose entries later rules treat as independent, so the
+    correlation between them is dropped. The backend warns where this happens.
+    """
+    if out_structure == "param_diag" and rule is not None and not rule.param_passthrough and "diag" in rule.structures:
+        return "diag"
+    return None
 
 
 def _rule_problem(rule, out_structure: str, uncertain, kind) -> str | None:

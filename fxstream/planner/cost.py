@@ -169,6 +169,8 @@ def _aliases(node: torch.fx.Node) -> bool:
 
 
 def _structure(node: torch.fx.Node, kinds: dict[str, str]) -> str:
+    if "structure" in node.meta.get(ROLE, {}):
+        return node.meta[ROLE]["structure"]
     if node.target is input_covariance:
         return node.args[3]
     if node.target is operator.getitem:
@@ -213,7 +215,8 @@ def node_costs(sym: SymbolicCapture, paired: PairedGraph) -> list[NodeCost]:
         mean_alias = mean_node is not None and _aliases(mean_node) and node.target is not input_covariance
         cov_inputs = [n for n in node.all_input_nodes if n.meta.get(ROLE, {}).get("role") == "cov"]
         given_full_input = node.target is input_covariance and (node.args[2] == "full" or structure == "diag")
-        if mean_alias or node.target is operator.getitem or given_full_input:
+        own_view = "with" in info and _aliases(node)  # a cross-covariance read transposed
+        if mean_alias or own_view or node.target is operator.getitem or given_full_input:
             base = (cov_inputs or node.all_input_nodes[-1:])[0]
             costs.append(NodeCost(node.name, "cov", info.get("of", ""), rule, structure, sympy.Integer(0),
                                   base.name, False, reads, module=module))
@@ -221,6 +224,10 @@ def node_costs(sym: SymbolicCapture, paired: PairedGraph) -> list[NodeCost]:
         value = mean_node.meta.get("val") if mean_node is not None else None
         if structure.startswith("param"):
             nbytes = tensor_bytes(sym, value)
+        elif "with" in info:  # a cross-covariance Cov(t, u) of joins="exact": (B, N_t, N_u)
+            other = means[info["with"]].meta.get("val")
+            nbytes = sympy.expand(tensor_bytes(sym, value) * tensor_bytes(sym, other)
+                                  / (batch_expr(sym) * _itemsize(other)))
         else:
             nbytes = covariance_bytes(sym, value, structure)
         costs.append(NodeCost(node.name, "cov", info.get("of", ""), rule, structure, nbytes, None, False, reads,

@@ -228,7 +228,8 @@ class Planner:
 
     def __init__(self, model: torch.nn.Module, args: tuple, posterior: Posterior, dims: Dims,
                  reference_budget: int = 2**30, progress: bool = False,
-                 structures: tuple[str, ...] = STRUCTURES, rule_options: Mapping[str, str] | None = None) -> None:
+                 structures: tuple[str, ...] = STRUCTURES, rule_options: Mapping[str, str] | None = None,
+                 output: str | int | None = None) -> None:
         if not isinstance(posterior, Posterior):
             raise FxstreamError(f"the planner needs an fxstream posterior, got {type(posterior).__name__}")
         posterior.validate(dict(model.named_parameters()))
@@ -237,7 +238,7 @@ class Planner:
         self.reference_budget = reference_budget
         self.diagonal = posterior if isinstance(posterior, Diagonal) else posterior.to_diagonal()
         self.progress = progress
-        self.sym: SymbolicCapture = capture_symbolic(model, args, dims)
+        self.sym: SymbolicCapture = capture_symbolic(model, args, dims, output)
         self.interpolator = Interpolator(self.sym)
         self._reports: dict[tuple, CostReport] = {}
         self.layers = _group(posterior.parameter_names())
@@ -409,7 +410,7 @@ def _group(names: list[str]) -> dict[str, list[str]]:
 def choose(planner: Planner, budget: int | str, sizes: Mapping[str, int] | None = None) -> Plan:
     """The best plan for ``budget`` at ``sizes`` (default: the example's sizes)."""
     budget = parse_bytes(budget)
-    sizes = {**planner.sym.example_sizes, **(sizes or {})}
+    sizes = {**planner.sym.given_sizes, **(sizes or {})}
     unknown = sorted(set(sizes) - set(planner.sym.symbols))
     if unknown:
         raise FxstreamError(f"the model has no symbolic size {unknown}; it has {sorted(planner.sym.symbols)}")
@@ -528,7 +529,7 @@ def _infeasible(planner: Planner, chains, budget: int, sizes: Mapping[str, int])
 def plan(model: torch.nn.Module, example_args: tuple | torch.Tensor, posterior: Posterior, budget: int | str, *,
          sizes: Mapping[str, int] | None = None, dims: Dims | None = None,
          activation_cov: tuple[str, ...] = STRUCTURES, progress: bool = False,
-         rule_options: Mapping[str, str] | None = None) -> Plan:
+         rule_options: Mapping[str, str] | None = None, output: str | int | None = None) -> Plan:
     """Choose per layer the structure that maximises fidelity within ``budget`` at ``sizes``.
 
     Args:
@@ -543,8 +544,10 @@ def plan(model: torch.nn.Module, example_args: tuple | torch.Tensor, posterior: 
         progress: show progress bars.
         rule_options: the rule options the plan will run with (``attention=``, ``norm=``,
             ``residual=``, ... of :func:`fxstream.streamline`): they change the graph and its memory.
+        output: the output to plan the predictive of, as :func:`fxstream.streamline`'s ``output=``
+            (default: "logits" if present, else the first tensor).
     """
     args = example_args if isinstance(example_args, tuple) else (example_args,)
     planner = Planner(model, args, posterior, dims or {(0, 0): "batch"}, progress=progress,
-                      structures=activation_cov, rule_options=rule_options)
+                      structures=activation_cov, rule_options=rule_options, output=output)
     return choose(planner, budget, sizes)

@@ -15,6 +15,7 @@ import sympy
 import torch
 import torch._dynamo
 
+from ..api import select_output
 from ..errors import CaptureError, GraphBreakError
 from ..passes import CapturedGraph, capture
 
@@ -31,6 +32,8 @@ class SymbolicCapture:
     example_sizes: dict[str, int]
     renames: dict[sympy.Symbol, sympy.Symbol]
     example_args: tuple
+    given_sizes: dict[str, int]
+    """The sizes of the caller's example, where capture widened a size-1 dimension to 2 (else example_sizes)."""
 
     def expr(self, size) -> sympy.Expr:
         """A (Sym)Int as a sympy expression in the named symbols."""
@@ -58,12 +61,30 @@ def _subs(capture_: SymbolicCapture, sizes: Mapping[str, int]) -> dict:
     return {capture_.symbols[name]: value for name, value in sizes.items() if name in capture_.symbols}
 
 
-def capture_symbolic(model: torch.nn.Module, args: tuple, dims: Dims) -> SymbolicCapture:
-    """Capture ``model(*args)`` with the dimensions in ``dims`` symbolic; everything else static."""
+def capture_symbolic(model: torch.nn.Module, args: tuple, dims: Dims,
+                     output: str | int | None = None) -> SymbolicCapture:
+    """Capture ``model(*args)`` with the dimensions in ``dims`` symbolic; everything else static.
+
+    The graph returns the one output a streamlined model predicts (``output``, as in
+    :func:`fxstream.streamline`; default "logits" or the first tensor), so other outputs such as
+    key/value caches are neither costed nor calibrated.
+
+    A symbolic dimension of size 1 (one image, one token) is widened to 2 by repeating the input
+    along it: Dynamo specialises sizes 0 and 1, so a size-1 example cannot make a formula.
+    ``example_sizes`` and ``example_args`` are then the widened ones, ``given_sizes`` the caller's.
+    """
+    args = list(args)
+    given: dict[str, int] = {}
+    for (index, dim), name in dims.items():
+        if not isinstance(args[index], torch.Tensor) or args[index].dim() <= dim:
+            raise CaptureError(f"'{name}' is dim {dim} of input {index}, which is not a tensor with that dimension")
+        given[name] = int(args[index].shape[dim])
+        if given[name] == 0:
+            raise CaptureError(f"the example input {index} is empty in dim {dim} ('{name}'); give at least one")
+        if given[name] == 1:
+            args[index] = torch.cat([args[index], args[index]], dim)
     args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
     for (index, dim), _ in dims.items():
-        if args[index].shape[dim] < 2:
-            raise CaptureError(f"the example input {index} needs size >= 2 in dim {dim} to make it symbolic")
         torch._dynamo.mark_dynamic(args[index], dim)
     seen: dict = {}
 
@@ -82,7 +103,7 @@ def capture_symbolic(model: torch.nn.Module, args: tuple, dims: Dims) -> Symboli
     compiled = torch.compile(_fresh_call(), backend=backend, fullgraph=True, dynamic=False)
     try:
         with torch.no_grad():
-            compiled(model, *args)
+            compiled(model, output, *args)
     except torch._dynamo.exc.Unsupported as error:
         raise GraphBreakError(f"the model cannot be captured as one graph: {str(error).splitlines()[0]}") from None
     if "error" in seen:
@@ -108,11 +129,11 @@ def capture_symbolic(model: torch.nn.Module, args: tuple, dims: Dims) -> Symboli
         renames[size.node.expr] = symbol
         symbols[name] = symbol
         example_sizes[name] = int(args[index].shape[dim])
-    return SymbolicCapture(captured, symbols, example_sizes, renames, args)
+    return SymbolicCapture(captured, symbols, example_sizes, renames, args, given)
 
 
-def _call(model, *args):
-    return model(*args)
+def _call(model, output, *args):
+    return select_output(model(*args), output)
 
 
 def _fresh_call():

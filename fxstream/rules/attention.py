@@ -50,6 +50,14 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, mask, causal: bool
     return torch.softmax(scores, dim=-1)
 
 
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, dropout: float = 0.0,
+                   causal: bool = False, scale: float | None = None, **_) -> torch.Tensor:
+    """SDPA written out in ATen math (GQA included), which forward-mode AD differentiates (the fused CPU
+    kernels have no forward derivative). Takes SDPA's arguments; dropout must be 0 (eval)."""
+    heads = q.shape[-3]
+    return attention_probabilities(q, _heads_repeated(k, heads), mask, causal, scale) @ _heads_repeated(v, heads)
+
+
 def _mask_cov(call: RuleCall):
     """The additive mask's covariance (or, in a capability check, its kind), positional or by keyword."""
     cov = call.cov(MASK)
@@ -122,17 +130,13 @@ def scaled_dot_product_attention(call: RuleCall) -> torch.Tensor:
 
 
 def _full(call: RuleCall, linearised: bool) -> torch.Tensor:
-    """Per-sample J S J^T, summed over the uncertain inputs (only V under the paper's rule).
-
-    Differentiates the attention written out in ATen math, since the fused CPU
-    kernels have no forward-mode derivative.
-    """
+    """Per-sample J S J^T, summed over the uncertain inputs (only V under the paper's rule), through
+    :func:`attention_math`."""
     q, k, v, mask = (call.arg(i) for i in range(4))
-    causal, scale, heads = bool(call.arg(5)), call.arg(6), q.shape[-3]
+    causal, scale = bool(call.arg(5)), call.arg(6)
 
     def attention(q_, k_, v_, mask_):
-        probabilities = attention_probabilities(q_, _heads_repeated(k_, heads), mask_, causal, scale)
-        return probabilities @ _heads_repeated(v_, heads)
+        return attention_math(q_, k_, v_, mask_, 0.0, causal, scale)
 
     means = [q, k, v, mask]
     total = 0

@@ -311,6 +311,6 @@ def narrowed_affine(args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure
         covs[bias] = None if covs[bias] is None else covs[bias][..., columns]
     part = RULES[op].graph_target(tuple(args), kwargs, tuple(covs), kw_covs, kinds, kw_kinds, out[..., columns],
                                   structure, options, batch)
-    full = torch.full_like(out, float("nan"))
+    full = part.new_full(out.shape, float("nan"))  # the covariance's dtype, float32 for a float16 model
     full[..., columns] = part
     return full

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch._ops import OpOverload
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 Path = tuple[tuple[str, Any], ...]
 
@@ -42,6 +43,11 @@ RULE_OPTIONS: dict[str, tuple[str, ...]] = {
     # "linearised": first order throughout, the linearised-Laplace (GLM) predictive, which the
     # pass reproduces exactly with activation_cov="full" and a layer-wise independent posterior.
     "products": ("moments", "linearised"),
+    # "independent": an op whose inputs share an uncertain ancestor (a residual add, Q/K/V of one
+    # input) treats them as independent (the paper); "exact": with activation_cov="full", every
+    # activation carries its cross-covariance with the activations still to be read, and joins add it
+    # (fxstream.rules.cross), so first-order rules give J Sigma J^T for any branching.
+    "joins": ("independent", "exact"),
 }
 DEFAULT_RULE_OPTIONS = {name: choices[0] for name, choices in RULE_OPTIONS.items()}
 
@@ -191,14 +197,44 @@ VARIANCE_MATMUL_DTYPE: ContextVar[torch.dtype | None] = ContextVar("variance_mat
 _VARIANCE_DTYPES = {"exact": None, "bfloat16": torch.bfloat16}
 
 
+#: The dtype covariances of a model in this dtype are computed and kept in (see :func:`covariance_dtype`).
+_COVARIANCE_DTYPES = {torch.float16: torch.float32}
+
+
+def covariance_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype covariances of a model in ``dtype`` are computed in: float32 for float16 models, else ``dtype``.
+
+    float16 holds no normal number below 6.1e-5, and variances are often far below that (a weight
+    std of 1e-3 is a variance of 1e-6): in float16 they would be subnormal, with few significant
+    bits, or zero. bfloat16 has float32's range and keeps its own dtype.
+    """
+    return _COVARIANCE_DTYPES.get(dtype, dtype)
+
+
+def _holds(dtype: torch.dtype, tree: Any) -> bool:
+    return any(isinstance(leaf, torch.Tensor) and leaf.dtype == dtype for leaf in tree_leaves(tree))
+
+
+def _widened(tree: Any) -> Any:
+    """float16 tensors of a rule's mean arguments in the dtype of its covariances (:func:`covariance_dtype`)."""
+    return tree_map_only(torch.Tensor, lambda t: t.to(covariance_dtype(t.dtype)) if t.dtype == torch.float16 else t,
+                         tree)
+
+
 def _graph_target(fn: RuleFn, op: OpOverload) -> Callable[..., Any]:
     """The function the rewritten graph calls: builds the RuleCall and runs the rule."""
 
     def target(args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure, options=None, batch=None):
         options = DEFAULT_RULE_OPTIONS if options is None else options
+        # A float16 model's covariances are float32 (covariance_dtype): its means join them in float32, and a
+        # rule that routes a covariance through the model's own cast to float16 hands it back in float32.
+        wide = _holds(torch.float32, (covs, kw_covs)) and _holds(torch.float16, (args, kwargs, out))
+        if wide:
+            args, kwargs, out = _widened((args, kwargs, out))
         token = VARIANCE_MATMUL_DTYPE.set(_VARIANCE_DTYPES[options.get("variance_matmul", "exact")])
         try:
-            return fn(RuleCall(op, args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure, options, batch))
+            result = fn(RuleCall(op, args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure, options, batch))
+            return _widened(result) if wide else result
         finally:
             VARIANCE_MATMUL_DTYPE.reset(token)
 

@@ -1,0 +1,186 @@
+"""joins="exact": with full activations and first-order rules, the predictive is J Sigma J^T for any branching.
+
+Oracles: the parameter Jacobian from torch.func.jacrev (float64) with every weight
+Bayesian, on residual MLPs, a residual CNN with batch norm and a downsampling
+shortcut, a DenseNet-style concat, a SwiGLU gate, tiny GPT-2 and Llama; and
+laplace-torch's own GLM predictive of a diagonal Laplace over a residual network.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+
+import fxstream
+
+DTYPE = torch.float64
+FIRST_ORDER = dict(activation_cov="full", products="linearised", norm="linearised", attention="linearised")
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class ResidualMLP(nn.Module):
+    """Two residual blocks, the second nested inside a third skip: forks that compose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        inner = h + self.blocks[0](h)
+        return self.out(h + inner + self.blocks[1](inner))
+
+
+class ResidualCNN(nn.Module):
+    """A basic block with batch norm, then a strided block with a 1x1 conv shortcut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 3, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                                  nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3))
+        self.down = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.Tanh())
+        self.shortcut = nn.Conv2d(3, 4, 1, stride=2)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.body(h))
+        h = self.down(h) + self.shortcut(h)
+        return self.head(h.mean((2, 3)))
+
+
+class DenseConcat(nn.Module):
+    """DenseNet's concat of a tensor with what was computed from it, and a SwiGLU gate of one input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.grow, self.gate, self.up, self.out = (nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(8, 6),
+                                                             nn.Linear(8, 6), nn.Linear(6, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        dense = torch.cat([h, torch.sigmoid(self.grow(h))], dim=-1)
+        return self.out(nn.functional.silu(self.gate(dense)) * self.up(dense))
+
+
+def batch_norm_statistics(model: nn.Module) -> nn.Module:
+    for i, module in enumerate(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        module.running_mean.normal_(0, 0.3, generator=seeded(i))
+        module.running_var.uniform_(0.5, 2.0, generator=seeded(i + 10))
+    return model
+
+
+def variances(model: nn.Module, scale: float = 1e-3) -> dict[str, torch.Tensor]:
+    g = seeded(5)
+    return {n: scale * (0.5 + torch.rand(p.shape, generator=g, dtype=DTYPE)) for n, p in model.named_parameters()}
+
+
+def parameter_oracle(model: nn.Module, var: dict, x, output=lambda out: out) -> torch.Tensor:
+    """Per-sample J Sigma J^T (B, N, N), J = d f(x) / d theta over the parameters in ``var``."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def f(chosen):
+        return output(functional_call(model, {**params, **chosen}, (x,))).reshape(-1)
+
+    jac = jacrev(f)({n: params[n] for n in var})
+    dense = sum(j.reshape(j.shape[0], -1) * var[n].reshape(1, -1) @ j.reshape(j.shape[0], -1).T
+                for n, j in jac.items())
+    batch = x.shape[0]
+    n = dense.shape[0] // batch
+    return dense.reshape(batch, n, batch, n).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.reshape(expected.shape) - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("make, shape", [(ResidualMLP, (3, 4)), (ResidualCNN, (2, 1, 6, 6)), (DenseConcat, (3, 4))],
+                         ids=["residual-mlp", "residual-cnn-bn", "dense-concat-swiglu"])
+def test_exact_joins_equal_glm_with_every_weight_bayesian(make, shape) -> None:
+    torch.manual_seed(0)
+    model = batch_norm_statistics(make().to(DTYPE)).eval()
+    x = torch.randn(*shape, generator=seeded(1), dtype=DTYPE)
+    var = variances(model)
+    expected = parameter_oracle(model, var, x)
+    exact = fxstream.streamline(model, fxstream.Diagonal(var), backend="eager", joins="exact", **FIRST_ORDER)(x)
+    independent = fxstream.streamline(model, fxstream.Diagonal(var), backend="eager", **FIRST_ORDER)(x)
+    assert torch.equal(exact.mean, independent.mean)
+    assert relative_error(exact.cov, expected) < 1e-12
+    assert relative_error(independent.cov, expected) > 1e-3  # the joins matter in each of these models
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_exact_joins_equal_glm_on_transformers(name: str) -> None:
+    """Residual stream, Q/K/V from one input (GPT-2 splits one projection), SwiGLU: all joins. Llama's RMSNorm
+    computes in float32 inside a float64 model, which limits the agreement to float32 rounding there."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24, vocab_size=11,
+                  max_position_embeddings=16, bos_token_id=0, eos_token_id=0)
+    if name == "gpt2":
+        config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=11, n_positions=16,
+                                         bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=1, **common))
+    model = model.to(DTYPE).eval()
+    x = torch.randint(0, 11, (2, 5), generator=seeded(2))
+    var = {n: v for n, v in variances(model).items() if "wte" not in n and "embed_tokens" not in n
+           and "lm_head" not in n}  # the embedding is tied to the head in GPT-2: a parameter read twice
+    expected = parameter_oracle(model, var, x, output=lambda out: out.logits)
+    pred = fxstream.streamline(model, fxstream.Diagonal(var), backend="eager", joins="exact", **FIRST_ORDER)(x)
+    assert relative_error(pred.cov, expected) < (1e-12 if name == "gpt2" else 1e-6)
+
+
+def test_exact_joins_equal_laplace_torch_glm_on_a_residual_network() -> None:
+    """A diagonal Laplace over every weight of a residual MLP (regression): laplace-torch's GLM f_var, built
+    from per-output Jacobians, equals the one-pass predictive."""
+    laplace = pytest.importorskip("laplace")
+    torch.manual_seed(0)
+    model = ResidualMLP().to(DTYPE)
+    x = torch.randn(40, 4, generator=seeded(3), dtype=DTYPE)
+    y = torch.randn(40, 3, generator=seeded(4), dtype=DTYPE)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=20)
+    la = laplace.Laplace(copy.deepcopy(model), "regression", subset_of_weights="all", hessian_structure="diag",
+                         prior_precision=5.0)
+    la.fit(loader)
+    _, f_var = la(x[:6], pred_type="glm")
+    pred = fxstream.streamline(la.model.eval(), fxstream.from_laplace(la), backend="eager", joins="exact",
+                               **FIRST_ORDER)(x[:6])
+    assert relative_error(pred.cov, f_var) < 1e-10
+
+
+def test_exact_joins_need_full_activations() -> None:
+    model = ResidualMLP().to(DTYPE).eval()
+    with pytest.raises(fxstream.FxstreamError, match="activation_cov='full'"):
+        fxstream.streamline(model, fxstream.Diagonal(variances(model)), backend="eager", joins="exact")
+
+
+def test_planner_costs_the_cross_covariances() -> None:
+    """The cost model's peak for a joins="exact" graph (cross-covariances of shape (B, N_t, N_u)) equals the
+    allocator's, off the sizes it was fitted at (1%: exact on CPU, as for the other structures)."""
+    from fxstream.planner import cost_report
+    from fxstream.planner.measure import profiler_peak
+    from fxstream.planner.symbolic import capture_symbolic
+
+    torch.manual_seed(0)
+    model = ResidualMLP().eval()
+    sym = capture_symbolic(model, (torch.randn(4, 4),), {(0, 0): "batch"})
+    options = fxstream.StreamlineOptions(posterior=fxstream.Diagonal({n: torch.full_like(p, 1e-3) for n, p in
+                                                                      model.named_parameters()}),
+                                         activation_cov="full", rule_options={"joins": "exact"}, model=model)
+    paired = fxstream.pipeline.rewrite(sym.captured, options).paired
+    report = cost_report(sym, paired)
+    for batch in (9, 40):
+        inputs = sym.graph_inputs({"batch": batch}, lambda p, s: torch.randn(s))
+        measured = profiler_peak(paired.graph_module, *inputs)
+        assert abs(report.peak_at({"batch": batch}) - measured) <= 0.01 * measured, (batch, measured)
