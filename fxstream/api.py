@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from typing import Any, Literal
 
 import torch
 import torch._dynamo
+import torch.fx.experimental._config
 
 from .backend import StreamlineOptions, Streamlined, compile_streamlined, predictive
 from .errors import FxstreamError, FxstreamWarning, GraphBreakError, PosteriorMismatchError
@@ -22,12 +24,22 @@ from .rules.registry import covariance_dtype
 class StreamlinedModel(torch.nn.Module):
     """A model whose call returns the :class:`Predictive` of its output.
 
-    The first call for a given input signature captures the model with Dynamo
-    (one graph, no breaks), rewrites it and compiles it; later calls reuse it.
-    ``graphs`` holds every compiled graph for inspection. ``posterior`` is the
-    posterior it predicts with; the graphs read a copy of its tensors (in the
-    parameters' dtype and device) that :meth:`set_posterior` overwrites in place.
+    The first call captures the model with Dynamo (one graph, no breaks) with
+    symbolic sizes, rewrites it, lowers it to ATen and compiles it; later calls
+    reuse it for every size Dynamo's guards admit. A new graph is compiled only
+    for what the guards fix: another input dtype, device or number of dims, or
+    an input size of 0 or 1 (Dynamo specialises those), so a model with
+    ``d`` varying input sizes compiles at most ``2**d`` graphs per input
+    signature, and ``MAX_GRAPHS`` at the most (see docs/index.md).
+    ``graphs`` holds every compiled graph for inspection. One instance serves
+    concurrent calls from many threads.
+    ``posterior`` is the posterior it predicts with; the graphs read a copy of
+    its tensors (in the parameters' dtype and device) that :meth:`set_posterior`
+    overwrites in place.
     """
+
+    #: Dynamo's recompile limit for one StreamlinedModel; beyond it a call raises rather than compile again.
+    MAX_GRAPHS = 64
 
     def __init__(self, model: torch.nn.Module, options: StreamlineOptions, output: str | int | None) -> None:
         super().__init__()
@@ -51,16 +63,27 @@ class StreamlinedModel(torch.nn.Module):
             (hidden states, key/value caches) get no covariance work at all."""
             return select(model(*args, **kwargs))
 
-        # Static shapes: every StreamlinedModel compiles the same code object, so after a few
-        # input shapes Dynamo's automatic dynamic shapes would hand the rules symbolic sizes,
-        # which their forward-mode JVPs cannot trace under Inductor.
-        self._compiled = torch.compile(selected_output, backend=backend, fullgraph=True, dynamic=False)
+        # Every StreamlinedModel compiles the same code object: isolated recompiles give each
+        # instance its own cache entries and limit. Symbolic sizes from the first call on.
+        self._compiled = torch.compile(selected_output, backend=backend, fullgraph=True, dynamic=True,
+                                       isolate_recompiles=True, recompile_limit=self.MAX_GRAPHS)
+        self._hooks_aside = _BackwardHooksAside(model)
 
     def forward(self, *args: Any, **kwargs: Any) -> Predictive:
-        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
+        # Symbolic tensor sizes only (Dynamo's config values are per thread): Python numbers such as a
+        # dropout probability stay constants, and without duck sizing two sizes that happen to be equal in
+        # the first call (batch 8, sequence 8) get their own symbols, so neither is fixed by the other's guard.
+        with torch.no_grad(), torch._dynamo.config.patch(specialize_int=True, specialize_float=True), \
+                torch.fx.experimental._config.patch(use_duck_shape=False):
             try:
-                with _backward_hooks_set_aside(self.model):
+                with self._hooks_aside():
                     out = self._compiled(*args, **kwargs)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                raise FxstreamError(
+                    f"this StreamlinedModel has compiled {len(self.graphs)} graphs, its limit of {self.MAX_GRAPHS}: "
+                    "calls keep changing what Dynamo's guards fix (input dtypes, devices, numbers of dims). "
+                    "Call it with inputs of one dtype and device, or make one StreamlinedModel per kind of input"
+                ) from None
             except torch._dynamo.exc.BackendCompilerFailed as error:
                 inner = getattr(error, "inner_exception", None)
                 if isinstance(inner, FxstreamError):
@@ -159,24 +182,45 @@ def _owned(posterior: Posterior, model: torch.nn.Module) -> Posterior:
     return Entries(entries)
 
 
-@contextmanager
-def _backward_hooks_set_aside(model: torch.nn.Module) -> Iterator[None]:
-    """Module backward hooks (e.g. BackPack's, left by laplace-torch's fit) set aside during a call.
+class _BackwardHooksAside:
+    """Module backward hooks (e.g. BackPack's, left by laplace-torch's fit) set aside while calls run.
 
     Prediction runs no backward pass, so they would never fire; Dynamo cannot
     capture a module that has them ("Module-level backwards hooks require
-    compiled autograd").
+    compiled autograd"), and its guards check them on every call. With calls
+    from several threads the hooks go aside when the first call starts and come
+    back when the last one ends, so no call sees them return mid-flight.
     """
-    saved = []
-    for module in model.modules():
-        if module._backward_hooks or module._backward_pre_hooks:
-            saved.append((module, module._backward_hooks, module._backward_pre_hooks))
-            module._backward_hooks, module._backward_pre_hooks = OrderedDict(), OrderedDict()
-    try:
-        yield
-    finally:
-        for module, hooks, pre_hooks in saved:
-            module._backward_hooks, module._backward_pre_hooks = hooks, pre_hooks
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.lock = threading.Lock()
+        self.running = 0
+        self.saved: list[tuple[torch.nn.Module, OrderedDict, OrderedDict]] = []
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self.lock:
+            if self.running == 0:
+                self.saved = self._take()
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.running -= 1
+                if self.running == 0:
+                    for module, hooks, pre_hooks in self.saved:
+                        module._backward_hooks, module._backward_pre_hooks = hooks, pre_hooks
+                    self.saved = []
+
+    def _take(self) -> list[tuple[torch.nn.Module, OrderedDict, OrderedDict]]:
+        saved = []
+        for module in self.model.modules():
+            if module._backward_hooks or module._backward_pre_hooks:
+                saved.append((module, module._backward_hooks, module._backward_pre_hooks))
+                module._backward_hooks, module._backward_pre_hooks = OrderedDict(), OrderedDict()
+        return saved
 
 
 def _remedy(reason: str) -> str:

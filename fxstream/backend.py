@@ -18,8 +18,8 @@ import torch.fx
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import FxstreamError, FxstreamWarning, NoPredictiveError
-from .passes import CapturedGraph, PairedGraph, PruneReport, capture, lower
-from .pipeline import rewrite
+from .passes import CapturedGraph, PairedGraph, PruneReport, capture, compile_graph
+from .pipeline import lower, rewrite
 from .posterior import Posterior
 from .predictive import Predictive
 from .rules.linearise import full_to_diag
@@ -91,12 +91,17 @@ class StreamlineOptions:
 
 @dataclass
 class Streamlined:
-    """One compiled graph: the pipeline's products, kept for inspection."""
+    """One compiled graph: the pipeline's products, kept for inspection.
+
+    ``paired`` is the pruned graph (covariance nodes call their rules);
+    ``lowered`` the same computation in plain ATen ops, which ``compiled`` runs.
+    """
 
     captured: CapturedGraph
     paired: PairedGraph
     report: PruneReport
     options: StreamlineOptions = field(repr=False)
+    lowered: torch.fx.GraphModule = field(repr=False, default=None)  # type: ignore[assignment]
     compiled: Callable = field(repr=False, default=None)  # type: ignore[assignment]
 
     def __call__(self, *args):
@@ -134,15 +139,16 @@ def predictive(output: torch.Tensor) -> Predictive:
 
 
 def compile_streamlined(gm: torch.fx.GraphModule, example_inputs: list, options: StreamlineOptions) -> Streamlined:
-    """Run the pipeline capture -> decompose -> pair -> prune -> lower on one Dynamo graph."""
+    """Run the pipeline capture -> decompose -> pair -> prune -> lower on one Dynamo graph, then compile it."""
     captured = capture(gm, example_inputs)
     rewritten = rewrite(captured, options)
     if options.rule_options.get("residual") == "linearised":
         _report_residual_joins(captured, rewritten.paired, options)
     _report_correlated_parameters(rewritten.paired)
     _report_idle_options(rewritten.paired, options)
-    streamlined = Streamlined(captured, rewritten.paired, rewritten.report, options)
-    streamlined.compiled = lower(rewritten.paired.graph_module, example_inputs, options.backend)
+    lowered = lower(rewritten.paired)
+    streamlined = Streamlined(captured, rewritten.paired, rewritten.report, options, lowered,
+                              compile_graph(lowered, example_inputs, options.backend))
     if options.on_compile is not None:
         options.on_compile(streamlined)
     return streamlined

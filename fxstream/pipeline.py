@@ -1,7 +1,10 @@
-"""The pipeline after capture: decompose -> pair -> prune, one function for every caller.
+"""The pipeline after capture: decompose -> pair -> prune, then lower, one function for every caller.
 
 The backend, the planner and ``fxstream inspect`` all rewrite a captured graph
-through :func:`rewrite`, so the graph planned or shown is the graph that runs.
+through :func:`rewrite`, so the graph planned or shown is the graph that runs;
+the backend then hands the pruned graph to :func:`lower`, which traces it once
+to plain ATen (the planner runs the pruned graph itself, where every covariance
+node still names its rule).
 Each pass runs under its contract (what it requires of its input, what it
 ensures of its output); a failure that is not one of fxstream's own errors is
 reported as a :class:`PassError` naming the pass.
@@ -17,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import FxstreamError, FxstreamWarning, PassError, PosteriorMismatchError
-from .passes import CapturedGraph, PairedGraph, PruneReport, Source, pair, prune
+from .passes import CapturedGraph, PairedGraph, PruneReport, Source, lower_to_aten, pair, prune
 from .passes.decompose import decompose
+from .passes.lower import is_plain_aten
+from .passes.pair import ROLE
 from .rules.registry import covariance_dtype
 
 if TYPE_CHECKING:
@@ -39,20 +44,26 @@ def rewrite(captured: CapturedGraph, options: StreamlineOptions, structure: str 
     sources = _sources(captured, options)
     structure = structure or options.activation_cov
     decomposed = _run("decompose", lambda: decompose(captured, sources), requires=lambda: _functional(captured),
-                      ensures=lambda: _functional(captured))
+                      ensures=lambda _: _functional(captured))
     paired = _run("pair", lambda: pair(captured, sources, structure, options.outputs, options.rule_options))
-    report = _run("prune", lambda: prune(paired), ensures=lambda: paired.graph_module.graph.lint())
+    report = _run("prune", lambda: prune(paired), ensures=lambda _: paired.graph_module.graph.lint())
     return Rewritten(paired, report, decomposed)
 
 
+def lower(paired: PairedGraph) -> torch.fx.GraphModule:
+    """lower on a pruned graph: the same placeholders and outputs, computed by ATen ops alone."""
+    return _run("lower", lambda: lower_to_aten(paired.graph_module), requires=lambda: _pruned(paired),
+                ensures=lambda lowered: _plain_aten(lowered, paired))
+
+
 def _run(name: str, call: Callable[[], Any], requires: Callable[[], None] | None = None,
-         ensures: Callable[[], None] | None = None) -> Any:
+         ensures: Callable[[Any], None] | None = None) -> Any:
     try:
         if requires is not None:
             requires()
         result = call()
         if ensures is not None:
-            ensures()
+            ensures(result)
         return result
     except FxstreamError:
         raise
@@ -67,6 +78,24 @@ def _functional(captured: CapturedGraph) -> None:
         if node.op == "call_function" and schema is not None and schema.is_mutable:
             raise FxstreamError(f"the graph holds the in-place op {node.target} ({node.name}); the passes need "
                                 "functional ops, so this is a bug in fxstream: please report it with the model")
+
+
+def _pruned(paired: PairedGraph) -> None:
+    """Lowering takes a pruned graph: no marker of an op without a rule is left to trace."""
+    for node in paired.graph_module.graph.nodes:
+        if node.meta.get(ROLE, {}).get("rule") == "unsupported":
+            raise FxstreamError(f"lower was handed an unpruned graph: {node.name} marks an op without a rule")
+
+
+def _plain_aten(lowered: torch.fx.GraphModule, paired: PairedGraph) -> None:
+    """Lowering leaves ATen ops only, with the pruned graph's inputs and outputs."""
+    rule_code = [node.name for node in lowered.graph.nodes if not is_plain_aten(node)]
+    if rule_code:
+        raise FxstreamError(f"lower left calls that are not ATen ops: {rule_code[:5]}")
+    count = lambda gm: len(gm.graph.find_nodes(op="placeholder"))  # noqa: E731
+    outputs = lambda gm: len(gm.graph.find_nodes(op="output")[0].args[0])  # noqa: E731
+    if (count(lowered), outputs(lowered)) != (count(paired.graph_module), outputs(paired.graph_module)):
+        raise FxstreamError("lower changed the graph's inputs or outputs")
 
 
 def _parameter_names(captured: CapturedGraph, model: torch.nn.Module | None) -> dict[str, str]:

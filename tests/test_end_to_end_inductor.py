@@ -125,24 +125,26 @@ def test_backend_is_registered_by_entry_point_without_importing_fxstream() -> No
     assert result.stdout.strip().endswith("ok")
 
 
-def test_torch_compile_dynamic_shapes_compile_per_shape() -> None:
-    """A graph Dynamo captures with symbolic shapes is compiled per concrete shape and stays exact.
+def test_torch_compile_dynamic_shapes_compile_once() -> None:
+    """A graph Dynamo captures with a symbolic batch size is lowered and compiled once, and stays exact.
 
     (No batch norm here: dynamic=True also makes its float arguments symbolic,
-    which capture cannot trace yet.)
+    which capture cannot trace yet; StreamlinedModel keeps them constant.)
     """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                           nn.Linear(27, 3)).eval()
     posterior = all_variances(model)
+    graphs = []
     compiled = torch.compile(model, backend="streamline", dynamic=True,
-                             options={"posterior": posterior, "activation_cov": "full", "backend": "inductor"})
-    reference = fxstream.streamline(model, posterior, activation_cov="full", backend="eager")
-    for batch in (2, 3):
+                             options={"posterior": posterior, "backend": "inductor", "on_compile": graphs.append})
+    reference = fxstream.streamline(model, posterior, backend="eager")
+    for batch in (2, 3, 5):
         x = torch.randn(batch, 1, 6, 6, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             out = compiled(x)
         assert_same(fxstream.predictive(out), reference(x))
+    assert len(graphs) == 1
 
 
 # --- transformers through Inductor: every rule option against the eager backend -------------------------------

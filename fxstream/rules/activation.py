@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .linearise import derivative, linearised_full, zero_covariance
+from .linearise import derivative, elementwise_full, zero_covariance
 from .registry import RuleCall, arg_path, register
 
 aten = torch.ops.aten
@@ -54,13 +54,16 @@ def _one_uncertain_input(call: RuleCall) -> str | None:
 
 @register(*ELEMENTWISE, param_passthrough=True, supports=_one_uncertain_input)
 def elementwise(call: RuleCall) -> torch.Tensor:
-    """g(h) ~ g(mu) + g'(mu)(h - mu): first-order Taylor expansion at the incoming mean."""
-    if call.structure == "full":
-        return linearised_full(call)
+    """g(h) ~ g(mu) + g'(mu)(h - mu): first-order Taylor expansion at the incoming mean.
+
+    J = diag(g'(mu)): var g'(mu)^2 (diag), S scaled by g'_i g'_j (full).
+    """
     x = call.arg(0)
-    if call.op is aten.relu.default:  # slope 1 where x > 0, else 0: autograd's fused mask op
+    if call.op is aten.relu.default and call.structure != "full":  # slope 1 where x > 0, else 0: a fused mask op
         return aten.threshold_backward.default(call.cov(0), x, 0)
     slope = derivative(lambda h: call.call_with({arg_path(0): h}), x)
+    if call.structure == "full":
+        return elementwise_full(call.cov(0), slope)
     return call.cov(0) * slope.square()
 
 

@@ -20,7 +20,13 @@ TensorFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def push_forward(fn: TensorFn, mean: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
-    """J @ t for a stack of tangents (R, *mean.shape), J the Jacobian of fn at mean."""
+    """J @ t for a stack of tangents (R, *mean.shape), J the Jacobian of fn at mean.
+
+    Mean and tangents are made contiguous: forward AD gives a tangent whose
+    layout differs from its primal's a fresh buffer of the primal's layout,
+    which with symbolic sizes (a lowered dynamic graph) it cannot allocate.
+    """
+    mean, tangents = mean.contiguous(), tangents.contiguous()
     return vmap(lambda t: jvp(fn, (mean,), (t,))[1])(tangents)
 
 
@@ -143,6 +149,17 @@ def noise_product_full(act_cov: torch.Tensor, param: torch.Tensor, variance: tor
     return act_cov * factor_to_full(factor, act_cov.shape[0])
 
 
+def elementwise_full(cov: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """J S J^T for an elementwise map with derivative ``slope`` (the mean's shape): S scaled by d_i d_j.
+
+    One product, where a vmapped JVP would push every column of S through the map
+    (and, for some ops such as GELU, fix the batch size when lowered).
+    """
+    flat = slope.reshape(cov.shape[0], -1)
+    return cov * flat[:, :, None] * flat[:, None, :]
+
+
 def derivative(fn: TensorFn, mean: torch.Tensor) -> torch.Tensor:
-    """Elementwise derivative g'(mean) of an elementwise function."""
+    """Elementwise derivative g'(mean) of an elementwise function (contiguous mean: see :func:`push_forward`)."""
+    mean = mean.contiguous()
     return jvp(fn, (mean,), (torch.ones_like(mean),))[1]

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from .linearise import linearised_full, noise_product_full, sandwich
+from .linearise import elementwise_full, linearised_full, noise_product_full, sandwich
 from .registry import RuleCall, register
 
 aten = torch.ops.aten
@@ -16,6 +16,40 @@ def _eval_mode(call: RuleCall) -> str | None:
     if call.op is aten.batch_norm.default and call.arg(5):
         return "batch norm in training mode uses batch statistics; call model.eval() before streamlining"
     return None
+
+
+def _batch_norm_full(call: RuleCall, x: torch.Tensor, gamma: torch.Tensor | None, inv_std: torch.Tensor,
+                     running_mean: torch.Tensor, channel: tuple[int, ...]) -> torch.Tensor:
+    """Per-sample covariance of eval batch norm, written out (no JVP, so the batch size stays symbolic).
+
+    With a = gamma / std per channel and xhat = (x - mu_r) / std, the terms are
+    S_x scaled by a_i a_j; xhat_i xhat_j v_gamma and v_beta where elements i and j
+    share a channel; and (second order) S_x / (std_i std_j) times v_gamma there too.
+    """
+    batch = x.shape[0]
+    per_sample = x[0]
+    same_channel = None
+    if call.cov(1) is not None or call.cov(2) is not None:
+        index = torch.arange(per_sample.shape[0], device=x.device).reshape(channel).expand_as(per_sample).reshape(-1)
+        same_channel = index[:, None] == index[None, :]
+
+    def shared(variance: torch.Tensor) -> torch.Tensor:  # v_c where i and j share channel c, else 0
+        return same_channel * variance.reshape(-1)[index][:, None]
+
+    cov_x, total = call.cov(0), None
+    scale = inv_std if gamma is None else inv_std * gamma.reshape(channel)
+    if cov_x is not None:
+        total = elementwise_full(cov_x, scale.expand_as(x))
+    if call.cov(1) is not None:
+        xhat = ((x - running_mean.reshape(channel)) * inv_std).reshape(batch, -1)
+        term = xhat[:, :, None] * xhat[:, None, :] * shared(call.cov(1))
+        if cov_x is not None and call.second_order:
+            term = term + elementwise_full(cov_x, inv_std.expand_as(x)) * shared(call.cov(1))
+        total = term if total is None else total + term
+    if call.cov(2) is not None:
+        term = shared(call.cov(2)).expand(batch, -1, -1)
+        total = term if total is None else total + term
+    return total
 
 
 @register(aten.batch_norm.default, supports=_eval_mode)
@@ -31,13 +65,7 @@ def batch_norm(call: RuleCall) -> torch.Tensor:
     channel = (-1,) + (1,) * (x.dim() - 2)
     inv_std = torch.rsqrt(running_var + eps).reshape(channel)
     if call.structure == "full":
-        cov = linearised_full(call)
-        if call.cov(0) is not None and call.cov(1) is not None and call.second_order:
-            scale = (inv_std.expand_as(x[:1])).reshape(-1)
-            normalised_cov = call.cov(0) * scale[:, None] * scale[None, :]
-            cov = cov + noise_product_full(normalised_cov, gamma, call.cov(1),
-                                           lambda g: g.reshape(channel).expand_as(x))
-        return cov
+        return _batch_norm_full(call, x, gamma, inv_std, running_mean, channel)
     # Channel-sized factors first, so each term is one pass over the activation.
     inv_var = inv_std.square()
     v_gamma = None if call.cov(1) is None else call.cov(1).reshape(channel)

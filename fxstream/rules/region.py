@@ -18,7 +18,7 @@ import torch
 import torch.fx
 
 from .activation import ELEMENTWISE
-from .linearise import derivative
+from .linearise import derivative, elementwise_full
 
 aten = torch.ops.aten
 
@@ -95,11 +95,10 @@ def region_covariance(args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structu
     Called with the rule calling convention; ``args`` is (g, x), ``covs`` (None, cov of x).
     """
     region, x = args
-    slope = derivative(region, x)
+    slope = derivative(region.forward, x)
     cov = covs[1]
     if structure == "full":
-        flat = slope.reshape(cov.shape[0], -1)
-        return cov * flat[:, :, None] * flat[:, None, :]
+        return elementwise_full(cov, slope)
     return cov * slope.square()
 
 

@@ -10,6 +10,7 @@ value, a masked fill) has variance 0, whatever the constant.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 
@@ -75,10 +76,25 @@ MULTI_OUTPUT = (
 LAYOUT_FREE = {aten.view.default: aten.reshape.default, aten._unsafe_view.default: aten.reshape.default}
 
 
+def _scatter_ends_at_its_size(call: RuleCall) -> RuleCall:
+    """A slice_scatter whose end is the "to the end" sentinel (``x[a:] = ...``) with the dim's size as its end.
+
+    The same op; PyTorch's vmapped JVP of it allocates an index range up to the
+    end, so with symbolic sizes (a lowered dynamic graph) the sentinel overflows.
+    """
+    end = call.arg(4)
+    if not isinstance(end, int) or end < sys.maxsize:
+        return call
+    base, src, dim, start, step = call.arg(0), call.arg(1), call.arg(2), call.arg(3), call.arg(5)
+    return dataclasses.replace(call, args=(base, src, dim, start, base.shape[dim], step), kwargs={})
+
+
 def route(call: RuleCall) -> torch.Tensor:
     """Apply the op to the variances (diag) or on both sides of the covariance (full)."""
     if call.op in LAYOUT_FREE:
         call = dataclasses.replace(call, op=LAYOUT_FREE[call.op])
+    if call.op is aten.slice_scatter.default:
+        call = _scatter_ends_at_its_size(call)
     if call.structure == "full":
         return linearised_full(call)
     return routed_variance(call)
