@@ -101,7 +101,9 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
 def test_predict_sharded_over_two_gloo_processes_equals_one_process(tmp_path):
     """Every rank gets the whole set in dataset order (23 samples: shards of 11 and 12)."""
     out = str(tmp_path / "result")
-    mp.spawn(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, join=True)
+    # fork, not spawn: the children inherit the imported torch and fxstream instead of importing them again
+    mp.start_processes(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, join=True,
+                       start_method="fork")
     single, targets = fxstream.predict(_streamlined(), _loader(), progress=False)
     for rank in range(2):
         got = torch.load(f"{out}.{rank}")
