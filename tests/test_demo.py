@@ -73,22 +73,37 @@ def test_monte_carlo_matches_quadrature_for_an_uncertain_bias():
     torch.testing.assert_close(probs[:, 0].double(), torch.from_numpy(expected), atol=0.01, rtol=0)
 
 
-def test_digits_split_is_standardised_on_training_statistics():
-    x_train, y_train, x_test, y_test = demo.load_digits_split(0)
-    assert len(x_train) + len(x_test) == 1797
+def test_rotate_by_90_degrees_is_rot90():
+    """On a square grid a quarter turn moves every pixel centre onto another: bilinear sampling is exact."""
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    torch.testing.assert_close(demo.rotate(images, 90.0), torch.rot90(images, 1, dims=(2, 3)))
+    torch.testing.assert_close(demo.rotate(images, 0.0), images)
+
+
+def test_digits_split_holds_out_8_and_9_and_standardises_on_training_statistics():
+    from sklearn.datasets import load_digits
+
+    data = demo.load_digits_split(0)
+    _, y = load_digits(return_X_y=True)
+    x_train, y_train = data.train
+    assert len(x_train) + len(data.val[0]) + len(data.test[0]) == int((y < 8).sum())
+    assert len(data.ood) == int((y >= 8).sum())
+    assert all(int(labels.max()) == 7 for _, labels in (data.train, data.val, data.test))
+    assert torch.equal(data.shifted[1], data.test[1])
     torch.testing.assert_close(x_train.mean(0), torch.zeros(64), atol=1e-5, rtol=0)
-    varying = x_train.std(0) > 0
-    torch.testing.assert_close(x_train.std(0, unbiased=False)[varying], torch.ones(int(varying.sum())),
-                               atol=1e-4, rtol=0)
-    assert torch.isfinite(x_test).all()
+    varying = x_train.std(0) > 1  # pixels whose training std is below 1 are only centred
+    torch.testing.assert_close(x_train.std(0)[varying], torch.ones(int(varying.sum())), atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow
 def test_demo_end_to_end_eager():
-    """The README's demo on the eager backend: fxstream keeps the MAP's accuracy and gives finite metrics."""
+    """The README's demo on the eager backend: 20 tuning passes, fxstream keeps the MAP's accuracy, finite metrics."""
     pytest.importorskip("laplace", reason="the demo fits its posterior with laplace-torch")
-    rows = {row.method.split(" ")[0]: row for row in demo.evaluate(seed=0, epochs=5, backend="eager", repeats=1)}
-    assert set(rows) == {"MAP", "MC-10", "MC-100", "fxstream"}
+    rows, tuned = demo.evaluate(seed=0, epochs=3, backend="eager", repeats=1, log=lambda text: None)
+    rows = {row.method.split(" ")[0]: row for row in rows}
+    assert set(rows) == {"MAP", "MC-100", "laplace-torch", "fxstream"}
+    assert tuned.passes == 20 and tuned.prior_precision > 0
     assert rows["MAP"].accuracy > 0.9
     assert abs(rows["fxstream"].accuracy - rows["MAP"].accuracy) < 0.03
-    assert all(math.isfinite(r.nlpd) and 0 <= r.ece <= 1 for r in rows.values())
+    assert all(math.isfinite(r.nlpd) and math.isfinite(r.shifted_nlpd) and 0 <= r.ece <= 1 and
+               0 <= r.ood_auroc <= 1 and r.predict_seconds > 0 for r in rows.values())
