@@ -17,11 +17,13 @@ from .errors import (
     UnsupportedOpError,
 )
 from .importers import from_ivon, from_laplace
-from . import pipeline
+from . import metrics, pipeline, plot
 from .planner import BudgetError, Plan, plan
 from .posterior import KFAC, Dense, Diagonal, LowRank, Mixed, ParameterCovariance, Posterior, load_posterior
+from .prediction import predict
 from .predictive import Predictive
 from .select import last_blocks, select
+from .tuning import TuneResult, tune
 
 __all__ = [
     "BudgetError",
@@ -44,14 +46,19 @@ __all__ = [
     "Predictive",
     "StreamlineOptions",
     "StreamlinedModel",
+    "TuneResult",
     "UnsupportedOpError",
     "from_ivon",
     "from_laplace",
     "last_blocks",
     "load_posterior",
+    "metrics",
+    "plot",
+    "predict",
     "predictive",
     "select",
     "streamline",
     "streamline_backend",
+    "tune",
 ]
 __version__ = "0.1.0"

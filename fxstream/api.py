@@ -12,8 +12,8 @@ import torch
 import torch._dynamo
 
 from .backend import StreamlineOptions, Streamlined, compile_streamlined, predictive
-from .errors import FxstreamError, FxstreamWarning, GraphBreakError
-from .posterior import Posterior
+from .errors import FxstreamError, FxstreamWarning, GraphBreakError, PosteriorMismatchError
+from .posterior import Entries, ParameterCovariance, Posterior
 from .predictive import Predictive
 
 
@@ -22,12 +22,17 @@ class StreamlinedModel(torch.nn.Module):
 
     The first call for a given input signature captures the model with Dynamo
     (one graph, no breaks), rewrites it and compiles it; later calls reuse it.
-    ``graphs`` holds every compiled graph for inspection.
+    ``graphs`` holds every compiled graph for inspection. ``posterior`` is the
+    posterior it predicts with; the graphs read a copy of its tensors (in the
+    parameters' dtype and device) that :meth:`set_posterior` overwrites in place.
     """
 
     def __init__(self, model: torch.nn.Module, options: StreamlineOptions, output: str | int | None) -> None:
         super().__init__()
         self.model = model
+        self.posterior = options.posterior
+        if options.posterior is not None:
+            options.posterior = _owned(options.posterior, model)
         self.options = options
         self.output = output
         self.graphs: list[Streamlined] = []
@@ -70,6 +75,51 @@ class StreamlinedModel(torch.nn.Module):
     def _select(self, out: Any) -> torch.Tensor:
         return select_output(out, self.output)
 
+    def set_posterior(self, posterior: Posterior) -> None:
+        """Predict with ``posterior`` from now on, without a new capture or compile.
+
+        Its tensors are copied into the buffers every compiled graph reads, so it must have the
+        structure of the current one: the same parameters, each with the same covariance kind and
+        tensor shapes (``with_prior_precision`` and ``scaled`` keep them). Anything else raises
+        :class:`PosteriorMismatchError` naming the parameter; streamline again for a new structure.
+        """
+        live = self.options.posterior
+        if live is None:
+            raise FxstreamError("this model was streamlined without a weight posterior, so it has none to replace; "
+                                "call fxstream.streamline(model, posterior) instead")
+        if not isinstance(posterior, Posterior):
+            raise PosteriorMismatchError(f"set_posterior takes an fxstream posterior such as fxstream.Diagonal, got "
+                                         f"{type(posterior).__name__}")
+        names, given = live.parameter_names(), posterior.parameter_names()
+        for name in given:
+            if name not in names:
+                raise PosteriorMismatchError(
+                    f"the new posterior covers parameter '{name}', which the streamlined posterior leaves "
+                    "deterministic; streamline again to change which parameters are uncertain"
+                )
+        for name in names:
+            if name not in given:
+                raise PosteriorMismatchError(
+                    f"the new posterior leaves parameter '{name}' out, which the streamlined posterior covers; "
+                    "give it a zero covariance (posterior.scaled({...: 0})) or streamline again"
+                )
+        posterior.validate(dict(self.model.named_parameters()))
+        copies = []
+        for name in names:
+            old, new = live.covariance(name), posterior.covariance(name)
+            old_shapes, new_shapes = [tuple(t.shape) for t in old.tensors], [tuple(t.shape) for t in new.tensors]
+            if old.kind != new.kind or old_shapes != new_shapes:
+                raise PosteriorMismatchError(
+                    f"parameter '{name}' has covariance '{new.kind}' with tensor shapes {new_shapes} in the new "
+                    f"posterior, but the model was streamlined for '{old.kind}' with {old_shapes}; set_posterior "
+                    "keeps the structure (with_prior_precision and scaled do): streamline again for another"
+                )
+            copies.extend(zip(old.tensors, new.tensors))
+        with torch.no_grad():
+            for buffer, tensor in copies:
+                buffer.copy_(tensor)
+        self.posterior = posterior
+
 
 def select_output(out: Any, output: str | int | None = None) -> torch.Tensor:
     """The tensor a streamlined model predicts from the model's output: ``output`` picks it by key or
@@ -85,6 +135,23 @@ def select_output(out: Any, output: str | int | None = None) -> torch.Tensor:
     if isinstance(out, (list, tuple)):
         return next(v for v in out if isinstance(v, torch.Tensor))
     raise FxstreamError(f"cannot find a tensor in the model's output of type {type(out).__name__}")
+
+
+def _owned(posterior: Posterior, model: torch.nn.Module) -> Posterior:
+    """The posterior's covariances as tensors of its own, in each parameter's dtype and device: the buffers
+    every graph reads, which set_posterior overwrites without touching the caller's posterior. A tensor
+    two parameters share (a layer's joint weight-bias block) stays shared."""
+    params = dict(model.named_parameters())
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    entries = {}
+    for name in posterior.parameter_names():
+        cov = posterior.covariance(name)
+        param = params[name]
+        for t in cov.tensors:
+            if id(t) not in copies:
+                copies[id(t)] = (t, t.detach().to(dtype=param.dtype, device=param.device, copy=True))
+        entries[name] = ParameterCovariance(cov.kind, tuple(copies[id(t)][1] for t in cov.tensors), cov.shape)
+    return Entries(entries)
 
 
 @contextmanager

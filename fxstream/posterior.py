@@ -11,13 +11,61 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .errors import FxstreamError, PosteriorMismatchError
 from .rules.weights import AFFINE_BIAS, marginal_variance
+
+#: A number for every uncertain parameter: one for all, or a mapping whose keys are parameter names or
+#: module paths (``"2"`` covers ``"2.weight"`` and ``"2.bias"``; the longest matching key wins).
+PerParameter = float | torch.Tensor | Mapping[str, float | torch.Tensor]
+
+
+def per_parameter(value: PerParameter, names: Sequence[str], what: str) -> dict[str, float]:
+    """``value`` as one nonnegative float per parameter name, or a PosteriorMismatchError naming what is wrong."""
+
+    def number(v: float | torch.Tensor, name: str) -> float:
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1:
+                raise PosteriorMismatchError(
+                    f"{what} of parameter '{name}' must be one scalar, got a tensor of shape {tuple(v.shape)}; "
+                    "give one number per parameter or per layer"
+                )
+            v = v.item()
+        if not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
+            raise PosteriorMismatchError(f"{what} of parameter '{name}' must be a finite number >= 0, got {v!r}")
+        return float(v)
+
+    if not isinstance(value, Mapping):
+        one = number(value, "<all>")
+        return dict.fromkeys(names, one)
+    used: set[str] = set()
+    result = {}
+    for name in names:
+        keys = [k for k in value if k == name or k == "" or name.startswith(f"{k}.")]
+        if not keys:
+            raise PosteriorMismatchError(
+                f"the {what} mapping covers no key for parameter '{name}'; give it by parameter name or by its "
+                f"module path (e.g. '{name.rpartition('.')[0]}'), or give one number for all"
+            )
+        key = max(keys, key=len)
+        used.add(key)
+        result[name] = number(value[key], name)
+    unused = sorted(set(value) - used)
+    if unused:
+        raise PosteriorMismatchError(
+            f"the {what} mapping names {unused}, which match no uncertain parameter of the posterior "
+            f"(it covers {list(names)[:8]}{' ...' if len(names) > 8 else ''})"
+        )
+    return result
+
+
+def layer_of(name: str) -> str:
+    """The module path a parameter belongs to: ``"2"`` for ``"2.weight"``, ``""`` for a top-level one."""
+    return name.rpartition(".")[0]
 
 
 @dataclass(frozen=True)
@@ -50,6 +98,63 @@ class Posterior(ABC):
     @abstractmethod
     def validate(self, parameters: Mapping[str, torch.Tensor]) -> None:
         """Raise PosteriorMismatchError unless the posterior fits these parameters."""
+
+    #: Set where the posterior keeps its precision form (``from_laplace``, ``KFAC.from_eigen``):
+    #: prior precision -> the posterior of the same fit under that prior.
+    _prior_form: Callable[[PerParameter], Posterior] | None = None
+    #: Set by ``from_laplace``: (prior precision, sigma_noise) -> laplace-torch's log marginal likelihood.
+    _marglik: Callable[[PerParameter, float | None], float] | None = None
+    #: The prior precision the posterior was built with, where it has a precision form.
+    prior_precision: PerParameter | None = None
+
+    @property
+    def has_precision_form(self) -> bool:
+        """Whether :meth:`with_prior_precision` works: the posterior knows its Hessian and prior."""
+        return self._prior_form is not None
+
+    def with_prior_precision(self, prior_precision: PerParameter) -> Posterior:
+        """The posterior of the same fit under another prior precision: same structure, same tensor shapes.
+
+        The posterior precision is the (scaled) Hessian plus the prior, so a new prior costs no new
+        fit: diagonal 1 / (h H + p); Kronecker eigen form 1 / (h l_B l_A + p) in the rotated basis;
+        full (h H + diag(p))^-1. ``prior_precision`` is one number, or a mapping from parameter
+        names or module paths (layers) to numbers. Only posteriors built with their precision form
+        (``fxstream.from_laplace``, ``KFAC.from_eigen``) have one.
+        """
+        if self._prior_form is None:
+            raise FxstreamError(
+                f"this {type(self).__name__} posterior keeps no precision form (Hessian plus prior), so it cannot take "
+                "a new prior precision; build it with fxstream.from_laplace(la) or KFAC.from_eigen, or tune "
+                "a variance scale instead (posterior.scaled(s), fxstream.tune(..., scale=...))"
+            )
+        return self._prior_form(prior_precision)
+
+    def scaled(self, scale: PerParameter) -> Posterior:
+        """The posterior with its covariance multiplied by ``scale`` >= 0 (0: the MAP network).
+
+        ``scale`` is one number or a mapping from parameter names or module paths to numbers (a
+        per-layer scale s_l multiplies the covariance as D^1/2 Cov D^1/2, D = diag(s_l)). The result
+        has the same structure and tensor shapes; a precision form comes along (a new prior, then
+        the same scale).
+        """
+        scales = per_parameter(scale, self.parameter_names(), "scale")
+        made = self._scaled(scales)
+        if self._prior_form is not None:
+            form = self._prior_form
+            made._prior_form = lambda prior: form(prior).scaled(scale)
+            made.prior_precision = self.prior_precision
+        return made
+
+    def _scaled(self, scales: Mapping[str, float]) -> Posterior:
+        """:meth:`scaled` with one scale per parameter; the default keeps every covariance as the rules consume it."""
+        return Entries(_scaled_entries({n: self.covariance(n) for n in self.parameter_names()}, scales))
+
+    def groups(self) -> dict[str, list[str]]:
+        """The layers of the posterior: module path -> its uncertain parameters (weight, bias), in order."""
+        layers: dict[str, list[str]] = {}
+        for name in self.parameter_names():
+            layers.setdefault(layer_of(name), []).append(name)
+        return layers
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the posterior to one safetensors file: its tensors, and its structure and parameter
@@ -122,6 +227,34 @@ class Diagonal(Posterior):
 
     def validate(self, parameters: Mapping[str, torch.Tensor]) -> None:
         _check_shapes({name: tuple(var.shape) for name, var in self.variances.items()}, parameters, "variance")
+
+    @classmethod
+    def from_precision(cls, hessian: Mapping[str, torch.Tensor], prior_precision: PerParameter,
+                       scale: float = 1.0, *, mask: Mapping[str, torch.Tensor] | None = None) -> Diagonal:
+        """The diagonal posterior with precision ``scale * hessian + prior_precision``, keeping that form.
+
+        ``hessian`` maps parameter names to the Hessian's diagonal (the parameter's shape); ``mask``
+        (booleans of the same shape) marks the entries that are uncertain, the others get variance 0
+        (a subnetwork). :meth:`with_prior_precision` then recomputes ``1 / (scale * H + p)``.
+        """
+        hessian = {name: h.detach() for name, h in hessian.items()}
+        priors = per_parameter(prior_precision, list(hessian), "prior precision")
+        variances = {}
+        for name, h in hessian.items():
+            precision = scale * h + priors[name]
+            chosen = mask[name] if mask is not None else torch.ones_like(h, dtype=torch.bool)
+            if (precision[chosen] <= 0).any():
+                raise PosteriorMismatchError(
+                    f"posterior precision of parameter '{name}' has non-positive entries; add a positive prior precision"
+                )
+            variances[name] = torch.where(chosen, 1.0 / torch.where(chosen, precision, 1.0), 0.0)
+        posterior = cls(variances)
+        posterior._prior_form = lambda prior: cls.from_precision(hessian, prior, scale, mask=mask)
+        posterior.prior_precision = prior_precision
+        return posterior
+
+    def _scaled(self, scales: Mapping[str, float]) -> Diagonal:
+        return Diagonal({name: var * scales[name] for name, var in self.variances.items()})
 
     def _state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
         return {"type": "Diagonal", "variances": {name: _put(tensors, f"{prefix}{name}", var)
@@ -263,16 +396,9 @@ class KFAC(Posterior):
         """
         entries = {}
         h = torch.as_tensor(scale, dtype=torch.float64)
+        priors = per_parameter(prior_precision, list(eigen), "prior precision")
         for name, pairs in eigen.items():
-            delta = torch.as_tensor(
-                prior_precision[name] if isinstance(prior_precision, Mapping) else prior_precision,
-                dtype=torch.float64,
-            )
-            if delta.numel() != 1:
-                raise PosteriorMismatchError(
-                    f"prior precision of parameter '{name}' must be one scalar for a KFAC posterior "
-                    f"(got {delta.numel()} values); use Diagonal or Dense for an elementwise prior"
-                )
+            delta = torch.tensor(priors[name], dtype=torch.float64)
             vectors = [_checked(name, q, "eigenvectors") for q, _ in pairs]
             values = [_checked(name, l, "eigenvalues").to(torch.float64) for _, l in pairs]
             if len(values) == 2:
@@ -293,6 +419,13 @@ class KFAC(Posterior):
                 )
         posterior = cls.__new__(cls)
         posterior._entries = _with_shapes(entries, shapes)
+        posterior._prior_form = lambda prior: cls.from_eigen(eigen, prior, scale, damping=damping, shapes=shapes)
+        posterior.prior_precision = prior_precision
+        return posterior
+
+    def _scaled(self, scales: Mapping[str, float]) -> KFAC:
+        posterior = KFAC.__new__(KFAC)
+        posterior._entries = _scaled_entries(self._entries, scales)
         return posterior
 
     def parameter_names(self) -> list[str]:
@@ -435,6 +568,12 @@ class Dense(Posterior):
     def validate(self, parameters: Mapping[str, torch.Tensor]) -> None:
         _check_shapes({n: self._shapes[n] for n in self._entries}, parameters, "covariance")
 
+    def _scaled(self, scales: Mapping[str, float]) -> Dense:
+        posterior = Dense.__new__(Dense)
+        posterior._shapes = dict(self._shapes)
+        posterior._entries = _scaled_entries(self._entries, scales)
+        return posterior
+
     def _state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
         return {"type": "Dense", "shapes": {name: list(shape) for name, shape in self._shapes.items()},
                 "entries": _entries_state(self._entries, prefix, tensors)}
@@ -524,6 +663,10 @@ class LowRank(Posterior):
     def validate(self, parameters: Mapping[str, torch.Tensor]) -> None:
         _check_shapes({n: tuple(d.shape) for n, d in self._diagonal.items()}, parameters, "diagonal")
 
+    def _scaled(self, scales: Mapping[str, float]) -> LowRank:
+        return LowRank({n: d * scales[n] for n, d in self._diagonal.items()},
+                       {n: u * scales[n] ** 0.5 for n, u in self._factors.items()})
+
     def _state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
         return {"type": "LowRank",
                 "diagonal": {n: _put(tensors, f"{prefix}{n}.diagonal", d) for n, d in self._diagonal.items()},
@@ -570,6 +713,9 @@ class Mixed(Posterior):
         for part in self.parts:
             part.validate(parameters)
 
+    def _scaled(self, scales: Mapping[str, float]) -> Mixed:
+        return Mixed(*(part._scaled({n: scales[n] for n in part.parameter_names()}) for part in self.parts))
+
     def _state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
         return {"type": "Mixed", "parts": [part._state(f"{prefix}part{i}/", tensors)
                                            for i, part in enumerate(self.parts)]}
@@ -582,9 +728,10 @@ class Mixed(Posterior):
         return "Mixed(" + ", ".join(repr(p) for p in self.parts) + ")"
 
 
-class _Entries(Posterior):
-    """A saved posterior of a type fxstream has no file structure for: each parameter's covariance
-    exactly as the rules consume it (what :meth:`Posterior.save` writes by default)."""
+class Entries(Posterior):
+    """Each parameter's covariance exactly as the rules consume it: a saved posterior of a type fxstream
+    has no file structure for (what :meth:`Posterior.save` writes by default), a scaled one of such a
+    type, and the buffers a streamlined model reads."""
 
     def __init__(self, entries: Mapping[str, ParameterCovariance]) -> None:
         self._entries = dict(entries)
@@ -603,17 +750,52 @@ class _Entries(Posterior):
         return {"type": "Entries", "entries": _entries_state(self._entries, prefix, tensors)}
 
     @classmethod
-    def _from_state(cls, state: dict, tensors: Mapping[str, torch.Tensor]) -> _Entries:
+    def _from_state(cls, state: dict, tensors: Mapping[str, torch.Tensor]) -> Entries:
         return cls(_entries_from_state(state["entries"], tensors))
 
     def __repr__(self) -> str:
         return f"Posterior({len(self._entries)} parameters, saved covariances)"
 
 
+#: How each tensor of a covariance kind changes when the covariance is multiplied by s:
+#: "var" times s, "std" times sqrt(s), None unchanged.
+_SCALING: dict[str, tuple[str | None, ...]] = {
+    "param_diag": ("var",), "param_dense": ("var",), "param_dense_affine": ("var",),
+    "param_kfac": ("var", None), "param_kfac_eig": (None, None, "var"),
+    "param_lowrank": ("var", "std"), "param_lowrank_affine": ("var", "std"),
+    AFFINE_BIAS: ("var", "std"),  # its weight's joint block: (cov,) dense, (d, U) low rank
+}
+
+
+def _scaled_entries(entries: Mapping[str, ParameterCovariance], scales: Mapping[str, float]) -> dict[str, ParameterCovariance]:
+    """Every covariance times its parameter's scale; a tensor two parameters share (a layer's joint
+    weight-bias block) is scaled once and stays shared, so both need the same scale."""
+    done: dict[int, tuple[float, torch.Tensor]] = {}
+    scaled = {}
+    for name, cov in entries.items():
+        s = scales[name]
+        tensors = []
+        for tensor, role in zip(cov.tensors, _SCALING[cov.kind]):
+            if role is None:
+                tensors.append(tensor)
+                continue
+            if id(tensor) in done:
+                if done[id(tensor)][0] != s:
+                    raise PosteriorMismatchError(
+                        f"parameter '{name}' shares its covariance block with another parameter of its layer, "
+                        f"which has scale {done[id(tensor)][0]} and it {s}; give the layer one scale"
+                    )
+            else:
+                done[id(tensor)] = (s, tensor * (s if role == "var" else s ** 0.5))
+            tensors.append(done[id(tensor)][1])
+        scaled[name] = ParameterCovariance(cov.kind, tuple(tensors), cov.shape)
+    return scaled
+
+
 FILE_FORMAT = "fxstream.posterior"
 FILE_VERSION = 1
 _TYPES = {"Diagonal": Diagonal, "KFAC": KFAC, "Dense": Dense, "LowRank": LowRank, "Mixed": Mixed,
-          "Entries": _Entries}
+          "Entries": Entries}
 
 
 def _put(tensors: dict[str, torch.Tensor], key: str, tensor: torch.Tensor) -> str:

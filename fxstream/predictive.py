@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 
@@ -28,6 +29,58 @@ class Predictive:
     cov: torch.Tensor | None = None
     likelihood: Likelihood | None = None
     sigma_noise: float | None = None
+
+    @property
+    def std(self) -> torch.Tensor:
+        """Per-element standard deviation of the output, sqrt(var)."""
+        return self.var.clamp_min(0).sqrt()
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def __getitem__(self, index: Any) -> Predictive:
+        """The predictive of some samples: ``index`` indexes the batch (first) dimension, as for a tensor."""
+        return replace(self, mean=self.mean[index], var=self.var[index],
+                       cov=None if self.cov is None else self.cov[index])
+
+    def to(self, *args: Any, **kwargs: Any) -> Predictive:
+        """A copy with every tensor moved as ``torch.Tensor.to(*args, **kwargs)`` moves it."""
+        return replace(self, mean=self.mean.to(*args, **kwargs), var=self.var.to(*args, **kwargs),
+                       cov=None if self.cov is None else self.cov.to(*args, **kwargs))
+
+    def cpu(self) -> Predictive:
+        return self.to("cpu")
+
+    @staticmethod
+    def cat(predictives: Sequence[Predictive]) -> Predictive:
+        """One predictive over the batches of several (same likelihood, noise and covariance structure)."""
+        if not predictives:
+            raise FxstreamError("Predictive.cat needs at least one predictive")
+        first = predictives[0]
+        for other in predictives[1:]:
+            if (other.likelihood, other.sigma_noise, other.cov is None) != (first.likelihood, first.sigma_noise,
+                                                                           first.cov is None):
+                raise FxstreamError(
+                    "Predictive.cat joins predictives of one streamlined model: these differ in likelihood, "
+                    "sigma_noise or whether they carry a full covariance"
+                )
+        return replace(first, mean=torch.cat([p.mean for p in predictives]),
+                       var=torch.cat([p.var for p in predictives]),
+                       cov=None if first.cov is None else torch.cat([p.cov for p in predictives]))
+
+    def entropy(self, link: Literal["probit", "mc"] = "probit") -> torch.Tensor:
+        """Entropy of the predictive class probabilities ``probs(link)``, one value per sample (nats)."""
+        return _entropy(self.probs(link))
+
+    def mutual_information(self, samples: int = 100, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The epistemic part of the predictive entropy, one value per sample (nats).
+
+        I = H[E_f softmax(f)] - E_f H[softmax(f)] over f ~ N(mean, cov) (the diagonal Gaussian
+        without a full covariance), estimated from ``samples`` Gaussian logit draws, the same
+        draws for both terms: no network passes, and >= 0 by the concavity of the entropy.
+        """
+        probs = torch.softmax(self.sample_outputs(samples, generator=generator), dim=-1)
+        return (_entropy(probs.mean(0)) - _entropy(probs).mean(0)).clamp_min(0)
 
     def probs(
         self,
@@ -86,3 +139,8 @@ class Predictive:
         raise FxstreamError(
             "nlpd needs a likelihood: pass likelihood='classification' or 'regression' to streamline()"
         )
+
+
+def _entropy(probs: torch.Tensor) -> torch.Tensor:
+    """-sum p log p over the last dimension (0 log 0 = 0)."""
+    return -torch.special.xlogy(probs, probs).sum(-1)

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from fxstream.metrics import accuracy, ece, nlpd
+from fxstream.errors import FxstreamError
+from fxstream.metrics import accuracy, brier, ece, nlpd, ood_auroc
+from fxstream.plot import reliability_diagram
 
 PROBS = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8]])
 TARGETS = torch.tensor([0, 1, 1, 0])
@@ -47,3 +49,51 @@ def test_ece_pools_samples_of_a_bin_before_taking_the_gap():
 def test_ece_of_perfectly_calibrated_confident_predictions_is_zero():
     probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     assert ece(probs, torch.tensor([0, 1])) == pytest.approx(0.0)
+
+
+def test_brier_by_hand():
+    # squared distances to one-hot: (.1^2+.1^2), (.3^2+.3^2), (.6^2+.6^2), (.8^2+.8^2)
+    assert brier(PROBS, TARGETS) == pytest.approx(2 * (0.01 + 0.09 + 0.36 + 0.64) / 4)
+
+
+def test_ece_equals_a_loop_over_hand_built_bins():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(500, 4, generator=g), -1)
+    targets = torch.randint(0, 4, (500,), generator=g)
+    confidence, predicted = probs.max(-1)
+    total = 0.0
+    for b in range(10):
+        lo, hi = b / 10, (b + 1) / 10
+        inside = (confidence > lo) & (confidence <= hi)
+        if inside.any():
+            gap = (predicted[inside] == targets[inside]).double().mean() - confidence[inside].double().mean()
+            total += inside.sum().item() * abs(gap.item())
+    assert ece(probs, targets, bins=10) == pytest.approx(total / 500, rel=1e-12)
+
+
+def test_ood_auroc_equals_the_pairwise_definition_with_ties():
+    g = torch.Generator().manual_seed(1)
+    score_in = torch.randint(0, 6, (40,), generator=g).float()  # many ties
+    score_out = torch.randint(2, 9, (30,), generator=g).float()
+    pairs = (score_out[None, :] > score_in[:, None]).double() + 0.5 * (score_out[None, :] == score_in[:, None]).double()
+    assert ood_auroc(score_in, score_out) == pytest.approx(pairs.mean().item(), rel=1e-12)
+    assert ood_auroc(torch.zeros(3), torch.ones(2)) == 1.0
+    assert ood_auroc(torch.ones(3), torch.ones(2)) == 0.5
+
+
+def test_metrics_return_floats():
+    values = [accuracy(PROBS, TARGETS), nlpd(PROBS, TARGETS), ece(PROBS, TARGETS), brier(PROBS, TARGETS),
+              ood_auroc(PROBS[:, 0], PROBS[:, 1])]
+    assert all(type(v) is float for v in values)
+
+
+def test_reliability_diagram_writes_a_png_or_names_the_extra(tmp_path):
+    path = tmp_path / "reliability.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(FxstreamError, match=r"fxstream\[plot\]"):
+            reliability_diagram(PROBS, TARGETS, path)
+        return
+    reliability_diagram(PROBS, TARGETS, path, bins=5, title="test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

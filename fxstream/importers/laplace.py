@@ -26,12 +26,13 @@ between layers is dropped, because fxstream propagates layers independently.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from ..errors import PosteriorMismatchError
-from ..posterior import KFAC, Dense, Diagonal, Posterior
+from ..posterior import KFAC, Dense, Diagonal, PerParameter, Posterior, per_parameter
 
 
 def from_laplace(la: Any) -> Posterior:
@@ -47,19 +48,102 @@ def from_laplace(la: Any) -> Posterior:
     covered = _covered(la)
     indices = _subnetwork(la)
     if isinstance(la, DiagLaplace):
-        return Diagonal(_split(covered, la.posterior_variance, indices))
-    if isinstance(la, KronLaplace):
-        return _kron(la, covered)
-    if isinstance(la, FullLaplace):
-        if indices is not None:
-            covered, cov = _scatter(covered, indices, la.posterior_covariance)
+        posterior: Posterior = Diagonal(_split(covered, la.posterior_variance, indices))
+        hessian = _split(covered, la.H, indices)
+        mask = None if indices is None else {n: v > 0 for n, v in _split(covered, torch.ones_like(la.H), indices).items()}
+        h = float(la._H_factor)
+        posterior._prior_form = _keeping_marglik(lambda prior: Diagonal.from_precision(hessian, prior, h, mask=mask), la,
+                                                 list(hessian))
+    elif isinstance(la, KronLaplace):
+        posterior = _kron(la, covered)
+        posterior._prior_form = _keeping_marglik(posterior._prior_form, la, posterior.parameter_names())
+    elif isinstance(la, FullLaplace):
+        posterior = _full(la, covered, indices, la.posterior_covariance)
+        posterior._prior_form = _keeping_marglik(_full_form(la, covered, indices), la,
+                                                 posterior.parameter_names())
+    else:
+        raise PosteriorMismatchError(
+            f"from_laplace does not convert {type(la).__name__}; fit with hessian_structure "
+            "'diag', 'kron' or 'full'"
+        )
+    posterior.prior_precision = la.prior_precision.detach().clone()
+    posterior._marglik = _marglik(la, posterior.parameter_names())
+    return posterior
+
+
+def _full(la: Any, covered, indices: torch.Tensor | None, cov: torch.Tensor) -> Dense:
+    """Per-layer blocks of a full (or subnetwork) covariance over laplace-torch's flat vector."""
+    if indices is not None:
+        covered, cov = _scatter(covered, indices, cov)
+    return Dense.from_flat(cov.detach(), {name: p.shape for name, p in covered})
+
+
+def _full_form(la: Any, covered, indices: torch.Tensor | None) -> Callable[[PerParameter], Posterior]:
+    """prior -> Dense posterior (h H + diag(p))^-1, the prior expanded to laplace-torch's flat entries."""
+    hessian, h = la.H.detach(), float(la._H_factor)
+    sizes = torch.tensor([p.numel() for _, p in covered])
+    owner = torch.repeat_interleave(torch.arange(len(covered)), sizes)
+    if indices is not None:
+        owner = owner[indices]
+    names = [name for name, _ in covered]
+    present = sorted(set(owner.tolist()))
+
+    def form(prior: PerParameter) -> Posterior:
+        priors = per_parameter(prior, [names[i] for i in present], "prior precision")
+        per_entry = torch.tensor([priors.get(n, 0.0) for n in names], dtype=hessian.dtype)[owner]
+        precision = h * hessian + torch.diag(per_entry.to(hessian.device))
+        chol, info = torch.linalg.cholesky_ex(precision)
+        if info.item() != 0:
+            raise PosteriorMismatchError(
+                "the posterior precision h H + diag(prior) is not positive definite under this prior precision; "
+                "give a larger prior precision"
+            )
+        return _full(la, covered, indices, torch.cholesky_inverse(chol))
+
+    return form
+
+
+def _keeping_marglik(form: Callable[[PerParameter], Posterior], la: Any,
+                     names: list[str]) -> Callable[[PerParameter], Posterior]:
+    """A prior form whose posteriors keep the prior they were made with and laplace-torch's marginal likelihood."""
+
+    def with_prior(prior: PerParameter) -> Posterior:
+        posterior = form(prior)
+        posterior._prior_form = with_prior
+        posterior.prior_precision = prior
+        posterior._marglik = _marglik(la, names)
+        return posterior
+
+    return with_prior
+
+
+def _marglik(la: Any, names: list[str]) -> Callable[[PerParameter, float | None], float]:
+    """(prior, sigma_noise) -> ``la.log_marginal_likelihood``, the prior as laplace-torch takes it (a scalar;
+    per layer for Kron; per entry otherwise); ``la`` is left as it was."""
+    from laplace.baselaplace import KronLaplace
+
+    covered = _covered(la)
+    owner = torch.repeat_interleave(torch.arange(len(covered)), torch.tensor([p.numel() for _, p in covered]))
+    indices = _subnetwork(la)
+    if indices is not None:
+        owner = owner[indices]
+
+    def marglik(prior: PerParameter, sigma_noise: float | None = None) -> float:
+        if isinstance(prior, Mapping):
+            priors = per_parameter(prior, names, "prior precision")
+            per_layer = torch.tensor([priors.get(n, 0.0) for n, _ in covered], dtype=la._dtype)
+            value = per_layer if isinstance(la, KronLaplace) else per_layer[owner]
         else:
-            cov = la.posterior_covariance
-        return Dense.from_flat(cov.detach(), {name: p.shape for name, p in covered})
-    raise PosteriorMismatchError(
-        f"from_laplace does not convert {type(la).__name__}; fit with hessian_structure "
-        "'diag', 'kron' or 'full'"
-    )
+            value = torch.tensor([per_parameter(prior, ["<all>"], "prior precision")["<all>"]], dtype=la._dtype)
+        sigma = None if sigma_noise is None else torch.tensor(sigma_noise, dtype=la._dtype, device=la._device)
+        saved_prior, saved_sigma = la.prior_precision, la.sigma_noise
+        try:
+            with torch.no_grad():
+                return float(la.log_marginal_likelihood(value.to(la._device), sigma))
+        finally:
+            la.prior_precision, la.sigma_noise = saved_prior, saved_sigma
+
+    return marglik
 
 
 def _covered(la: Any) -> list[tuple[str, torch.Tensor]]:
