@@ -135,11 +135,24 @@ def compile_streamlined(gm: torch.fx.GraphModule, example_inputs: list, options:
     rewritten = rewrite(captured, options)
     if options.rule_options.get("residual") == "linearised":
         _report_residual_joins(captured, rewritten.paired, options)
+    _report_correlated_parameters(rewritten.paired)
     streamlined = Streamlined(captured, rewritten.paired, rewritten.report, options)
     streamlined.compiled = lower(rewritten.paired.graph_module, example_inputs, options.backend)
     if options.on_compile is not None:
         options.on_compile(streamlined)
     return streamlined
+
+
+def _report_correlated_parameters(paired: PairedGraph) -> None:
+    """Warn once where an op copied or mixed the entries of a parameter before they met data (see pair pass)."""
+    modules = sorted({node.meta["fxstream"]["marginal"] for node in paired.graph_module.graph.nodes
+                      if "marginal" in node.meta.get("fxstream", {})})
+    if modules:
+        warnings.warn(
+            f"{len(modules)} module(s) copy or mix the entries of an uncertain parameter before it meets data "
+            f"({', '.join(modules[:4])}{', ...' if len(modules) > 4 else ''}): each entry keeps its variance, "
+            "but the correlation between the copies is dropped. Leave those parameters out of the posterior "
+            "if that matters for your use.", FxstreamWarning, stacklevel=2)
 
 
 def _report_residual_joins(captured: CapturedGraph, paired: PairedGraph, options: StreamlineOptions) -> None:

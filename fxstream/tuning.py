@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 from tabulate import tabulate
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() on the loader an extra time
 
 from .api import StreamlinedModel
 from .errors import FxstreamError, FxstreamWarning
@@ -155,11 +155,12 @@ def tune(
         search.bar = bar
         best = min((search.score(dict(zip(grids, values))) for values in _product(list(grids.values()))),
                    key=lambda scored: scored[0])
+        if layers:
+            best = (best[0], {name: dict.fromkeys(layers, value) for name, value in best[1].items()}, best[2])
         for layer in layers:
             for name, grid in grids.items():
                 current = best[1]
-                tried = [search.score({**current, name: {**_per_layer(current[name], layers), layer: value}})
-                         for value in grid]
+                tried = [search.score({**current, name: {**current[name], layer: value}}) for value in grid]
                 best = min([best, *tried], key=lambda scored: scored[0])
     score, settings, sigma = best
     chosen = search.posterior(settings)
@@ -190,10 +191,6 @@ def _product(grids: list[list[float]]) -> list[tuple[float, ...]]:
     for grid in grids:
         combos = [(*c, v) for c in combos for v in grid]
     return combos
-
-
-def _per_layer(value: PerParameter, layers: list[str]) -> dict[str, float]:
-    return dict(value) if isinstance(value, Mapping) else dict.fromkeys(layers, value)
 
 
 def _edges(settings: dict, grids: dict[str, list[float]], sigma: float | None, noise: list) -> list[str]:

@@ -353,3 +353,60 @@ def test_channel_shuffle_moves_each_variance_with_its_channel(structure: str) ->
     var = variances(model, scale=0.3)
     pred = streamline(model, var, x=x, activation_cov=structure)
     assert_equals_parameter_oracle(pred, model, var, x, structure)
+
+
+
+class AddedParameters(nn.Module):
+    """Parameters transformed before they meet data, as Swin V2, MaxViT, XCiT and EdgeNeXt do: a bias table
+    indexed with repeats and a convolution of a fixed positional grid, both added to the activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = nn.Parameter(torch.randn(5, dtype=DTYPE))
+        self.register_buffer("index", torch.randint(0, 5, (4, 4), generator=seeded(7)))
+        self.register_buffer("grid", torch.randn(1, 2, 4, 4, generator=seeded(8), dtype=DTYPE))
+        self.position = nn.Conv2d(2, 3, 1).to(DTYPE)
+        self.inp = nn.Conv2d(3, 3, 1).to(DTYPE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.inp(x) + self.table[self.index] + self.position(self.grid)).flatten(1)
+
+
+class StandardisedKernel(nn.Module):
+    """A kernel standardised by its own statistics per output channel, times a gain (timm's ScaledStdConv2d),
+    added to the input here so that each output entry meets one kernel entry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.kernel = nn.Parameter(torch.randn(4, 3, 3, 3, dtype=DTYPE))
+        self.gain = nn.Parameter(torch.rand(4, dtype=DTYPE) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = nn.functional.batch_norm(self.kernel.reshape(1, 4, -1), None, None, self.gain, training=True,
+                                          momentum=0.0, eps=1e-5)
+        return (x + kernel.reshape(self.kernel.shape)).flatten(1)
+
+
+def test_parameters_copied_before_they_meet_data_keep_each_entrys_variance() -> None:
+    """Each output entry meets one entry of each transformed parameter, so the diagonal predictive is
+    J Sigma J^T exactly, though the correlation between the copies is dropped (and said so)."""
+    model = AddedParameters().eval()
+    x = torch.randn(2, 3, 4, 4, generator=seeded(9), dtype=DTYPE)
+    var = variances(model)
+    with pytest.warns(fxstream.FxstreamWarning, match="correlation between the copies is dropped"):
+        pred = streamline(model, var, x=x)
+    assert_equals_parameter_oracle(pred, model, var, x, "diag")
+
+
+def test_standardised_kernel_entries_keep_their_first_order_variance() -> None:
+    """First order (norm and products "linearised"): each standardised entry's variance is the diagonal of
+    J Sigma J^T exactly. (Used as a conv kernel, the dropped correlation between entries, which share their
+    statistics, matters: the conv's output variance came out up to 4x J Sigma J^T's on a 3x3x3 kernel.)"""
+    model = StandardisedKernel().eval()
+    x = torch.randn(2, 4, 3, 3, 3, generator=seeded(9), dtype=DTYPE)
+    var = variances(model)
+    with pytest.warns(fxstream.FxstreamWarning, match="correlation between the copies is dropped"):
+        pred = streamline(model, var, x=x, norm="linearised", products="linearised")
+    assert_equals_parameter_oracle(pred, model, var, x, "diag")

@@ -243,13 +243,15 @@ class Pairing:
         kw_covs = map_aggregate(dict(node.kwargs), self.looked_up(self.cov))
         kinds = map_aggregate(node.args, self.looked_up(self.kind))
         kw_kinds = map_aggregate(dict(node.kwargs), self.looked_up(self.kind))
-        problem = _rule_problem(rule, out_structure, uncertain, self.kind)
+        marginal = _marginal_structure(rule, out_structure)
+        structure = marginal or out_structure
+        problem = _rule_problem(rule, structure, uncertain, self.kind)
         if problem is None and rule.supports is not None:
             example = lambda a: a.meta.get("val") if isinstance(a, torch.fx.Node) else a  # noqa: E731
             problem = rule.supports(RuleCall(
                 node.target, map_aggregate(node.args, example), map_aggregate(dict(node.kwargs), example),
                 tuple(None if i in unread else k for i, k in enumerate(kinds)), kw_kinds, kinds, kw_kinds,
-                node.meta.get("val"), out_structure, self.options))
+                node.meta.get("val"), structure, self.options))
         if problem is not None:
             return self.unsupported(node, problem)
         new = self.mean[node]
@@ -257,10 +259,12 @@ class Pairing:
         kwargs = map_aggregate(dict(node.kwargs), self.looked_up(self.mean, keep=True))
         cov_node = self.graph.call_function(
             rule.graph_target,
-            (args, kwargs, covs, kw_covs, kinds, kw_kinds, new, out_structure, self.options,
-             self.batch_for(out_structure)),
+            (args, kwargs, covs, kw_covs, kinds, kw_kinds, new, structure, self.options,
+             self.batch_for(structure)),
         )
         _tag(cov_node, node, rule.name)
+        if marginal:
+            cov_node.meta[ROLE]["marginal"] = module_path(node)
         residual = self.residuals.get(node)
         if residual is not None and self.kind.get(residual.fork) == "diag" and out_structure == "diag":
             cov_node = self.residual_join(node, residual, cov_node)
@@ -353,6 +357,21 @@ def _item(kinds, index):
 def _param_kind(uncertain: list[torch.fx.Node], kind: dict) -> str:
     kinds = {kind[n] for n in uncertain}
     return kinds.pop() if len(kinds) == 1 else "mixed:" + ",".join(sorted(map(str, kinds)))
+
+
+def _marginal_structure(rule, out_structure: str) -> str | None:
+    """"diag" where an op mixes or copies the entries of a diagonal parameter posterior before they meet data.
+
+    Such an op (an index into a bias table, a repeat, a kernel standardised by its
+    own statistics, a convolution of a fixed positional grid) correlates its
+    outputs. Its rule's diagonal structure gives each output entry's variance
+    (exact for the routing ops, first order otherwise); the result stays a
+    ``param_diag`` whose entries later rules treat as independent, so the
+    correlation between them is dropped. The backend warns where this happens.
+    """
+    if out_structure == "param_diag" and rule is not None and not rule.param_passthrough and "diag" in rule.structures:
+        return "diag"
+    return None
 
 
 def _rule_problem(rule, out_structure: str, uncertain, kind) -> str | None:

@@ -1,4 +1,4 @@
-"""Normalisation layers in inference mode: batch norm (running statistics), layer norm and group norm."""
+"""Normalisation layers: batch norm (running or the input's own statistics), layer norm and group norm."""
 
 from __future__ import annotations
 
@@ -67,6 +67,35 @@ def batch_norm_functional(call: RuleCall) -> tuple[torch.Tensor, None, None]:
         kwargs={}, covs=tuple(call.covs[:5]), kinds=tuple(call.kinds[:5]), kw_covs={}, kw_kinds={}, out=call.out[0],
     )
     return batch_norm(as_batch_norm), None, None
+
+
+@register(aten._native_batch_norm_legit.no_stats, structures=("diag",))
+def batch_norm_batch_statistics(call: RuleCall) -> tuple[torch.Tensor, None, None]:
+    """Batch norm with the input's own statistics per channel, (y, mean, 1/std): what
+    ``F.batch_norm(training=True)`` without running buffers becomes, e.g. timm's weight
+    standardisation (ScaledStdConv2d normalises each output channel of a kernel).
+
+    Channel c of y is gamma_c * xhat + beta_c with xhat the layer norm of every entry
+    of that channel; the terms follow :func:`layer_norm` (option ``norm``).
+    """
+    x, gamma, eps = call.arg(0), call.arg(1), call.arg(5)
+    channels = x.shape[1]
+    by_channel = lambda t: t.transpose(0, 1).reshape(channels, -1)  # noqa: E731
+    back = lambda t: t.reshape((channels, x.shape[0]) + x.shape[2:]).transpose(0, 1)  # noqa: E731
+    channel = (-1,) + (1,) * (x.dim() - 2)
+    mu, inv_std = layer_statistics(by_channel(x), 1, eps)
+    xhat = (by_channel(x) - mu) * inv_std
+    v_xhat = 0
+    if call.cov(0) is not None:
+        v_xhat = back(_normalised_variance(xhat, by_channel(call.cov(0).expand_as(x)), inv_std, 1,
+                                           call.options["norm"] == "linearised"))
+    xhat = back(xhat)
+    var = v_xhat * (1.0 if gamma is None else gamma.reshape(channel).square())
+    if call.cov(1) is not None:
+        var = var + call.cov(1).reshape(channel) * (xhat.square() + (v_xhat if call.second_order else 0))
+    if call.cov(2) is not None:
+        var = var + call.cov(2).reshape(channel)
+    return torch.broadcast_to(var, x.shape), None, None
 
 
 def layer_statistics(x: torch.Tensor, dims: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,22 @@ def statistics_of(mean: torch.Tensor):
     return group_norm
 
 
+def batch_statistics_of(mean: torch.Tensor):
+    """_native_batch_norm_legit.no_stats with its per-channel statistics from ``mean``, held constant."""
+
+    def batch_norm_no_stats(h, weight, bias, training, momentum, eps):
+        dims = (0,) + tuple(range(2, mean.dim()))
+        channel = (-1,) + (1,) * (h.dim() - 2)
+        mu, var = mean.mean(dims, keepdim=True), mean.var(dims, unbiased=False, keepdim=True)
+        inv_std = torch.rsqrt(var + eps)
+        out = (h - mu) * inv_std
+        out = out if weight is None else out * weight.reshape(channel)
+        out = out if bias is None else out + bias.reshape(channel)
+        return out, mu.reshape(-1), inv_std.reshape(-1)
+
+    return batch_norm_no_stats
+
+
 SAMPLES = [
     Sample(aten.batch_norm.default, batch_norm(act(maps, 0.5), param(gamma, 0.5), param(beta)), exact=True,
            monte_carlo=True, name="maps"),
@@ -56,9 +72,16 @@ SAMPLES = [
            reference=statistics_of(features[:, :, None]), exact=True, name="no-spatial"),
     Sample(aten.group_norm.default, (groups_in, 2, param(group_gamma), param(group_beta)),
            reference=statistics_of(groups_in), exact=True, name="params-only"),
+    Sample(aten._native_batch_norm_legit.no_stats, (act(maps, 0.5), param(gamma, 0.5), param(beta), True, 0.0, 1e-5),
+           reference=batch_statistics_of(maps), structures=("diag",), exact=True, monte_carlo=True,
+           name="batch-statistics"),
+    Sample(aten._native_batch_norm_legit.no_stats, (maps[:1], param(gamma), None, True, 0.0, 1e-5),
+           reference=batch_statistics_of(maps[:1]), structures=("diag",), exact=True, name="standardised-weight"),
 ]
 # norm="linearised": through the statistics too, the op itself the reference.
 LINEARISED_SAMPLES = [
+    Sample(aten._native_batch_norm_legit.no_stats, (act(maps), param(gamma), param(beta), True, 0.0, 1e-5),
+           structures=("diag",), name="batch-statistics"),
     Sample(aten.group_norm.default, (act(groups_in), 2, group_gamma, group_beta, 1e-3), name="grouped"),
     Sample(aten.group_norm.default, (act(groups_in), 1, param(group_gamma), param(group_beta)), name="one-group"),
     Sample(aten.group_norm.default, (act(groups_in), 4), name="no-affine"),
