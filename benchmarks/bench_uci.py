@@ -364,13 +364,19 @@ def _digits(name: str) -> int:
     return 3 if name in ("kin8nm", "naval", "wine") else 2
 
 
+def _available(name: str) -> int | str:
+    """The set's number of canonical splits ("?" where the data folder is not here)."""
+    folder = DATA / SETS[name][0]
+    return n_splits(folder) if folder.exists() else "?"
+
+
 def summary_table(records: list[dict]) -> tuple[str, str]:
     """The README table (NLPD of MAP, MC-100, GLM and fxstream's default per structure) and the target line."""
     rows, wins, ratios = [], {s: 0 for s in STRUCTURES}, {s: [] for s in STRUCTURES}
     grouped = _by_set(records)
     for name, results in grouped.items():
         d = _digits(name)
-        row = [name, len(results), f"{-SETS[name][1]:.2f}", _cell(_metric(results, STRUCTURES[0], "MAP", "nlpd"), d)]
+        row = [name, f"{len(results)}/{_available(name)}", f"{-SETS[name][1]:.2f}", _cell(_metric(results, STRUCTURES[0], "MAP", "nlpd"), d)]
         for structure in STRUCTURES:
             fx = _metric(results, structure, DEFAULT_FX, "nlpd")
             mc = _metric(results, structure, "MC-100", "nlpd")
@@ -381,13 +387,13 @@ def summary_table(records: list[dict]) -> tuple[str, str]:
             row += [_cell(mc, d), _cell(_metric(results, structure, "GLM", "nlpd"), d), _cell(fx, d),
                     _cell(gap, 3)]
         rows.append(row)
-    headers = ["set", "splits", "MC dropout (published)", "MAP"]
+    headers = ["set", "splits", "MC dropout, published (−LL)", "MAP"]
     for structure in STRUCTURES:
         headers += [f"{structure}: MC-100", f"{structure}: GLM", f"{structure}: fxstream",
                     f"{structure}: fxstream − MC-100"]
     target = "; ".join(
         f"{structure}: fxstream's NLPD <= MC-100's on {wins[structure]} of {len(grouped)} sets, "
-        f"MC-100 takes {statistics.median(ratios[structure]):.0f}x fxstream's time (median over splits)"
+        f"MC-100 takes {statistics.median(ratios[structure]):.1f}x fxstream's time (median over splits)"
         for structure in STRUCTURES if ratios[structure])
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), target
 
@@ -407,7 +413,7 @@ def time_table(records: list[dict]) -> str:
         for structure in STRUCTURES:
             ms = {m: statistics.median(_metric(results, structure, m, "seconds")) * 1e3 for m in METHODS}
             rows.append([name, structure, *(f"{ms[m]:.3g}" for m in METHODS),
-                         f"{ms['MC-100'] / ms[DEFAULT_FX]:.0f}x"])
+                         f"{ms['MC-100'] / ms[DEFAULT_FX]:.1f}x"])
     return tabulate(rows, headers=["set", "posterior", *METHODS, "MC-100 / fxstream"], tablefmt="github",
                     disable_numparse=True)
 
@@ -441,7 +447,7 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     grouped = _by_set(records)
-    columns = 3
+    columns = min(3, len(grouped))
     rows = math.ceil(len(grouped) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
     positions = np.arange(len(METHODS))
@@ -470,7 +476,7 @@ def _command(argv: list[str]) -> str:
         arg = argv.pop(0)
         if arg == "--json":
             argv.pop(0)
-        elif arg != "--resume":
+        elif arg not in ("--resume", "--report-only"):
             shown.append(arg)
     return "python benchmarks/bench_uci.py " + shlex.join(shown)
 
@@ -541,7 +547,7 @@ def page(records: list[dict], command: str, settings: str, figure: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help=f"CI mode: sets {' '.join(QUICK['sets'])}, {QUICK['splits']} splits, 2 repeats")
+                        help=f"CI mode: sets {' '.join(QUICK['sets'])}, {QUICK['splits']} splits, 1000 steps, 2 repeats")
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     parser.add_argument("--splits", type=int, default=None, help="at most this many splits per set")
     parser.add_argument("--data", type=Path, default=DATA, help="folder of the nine sets")
@@ -553,14 +559,20 @@ def main() -> None:
     parser.add_argument("--readme", type=Path, help=f"replace the {README_BEGIN} block of this file with the summary")
     parser.add_argument("--json", type=Path, help="also write every split's result here, one JSON object a line")
     parser.add_argument("--resume", action="store_true", help="keep the splits already in --json, run the others")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: the tables, page and plot from the splits of --sets already in --json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     sets, limit, repeats = args.sets, args.splits, args.repeats
     if args.quick:
-        sets, limit, repeats = QUICK["sets"], QUICK["splits"], 2
+        sets, limit, repeats, args.steps = QUICK["sets"], QUICK["splits"], 2, 1000
     jobs = [(name, k) for name in sets for k in range(min(n_splits(args.data / SETS[name][0]), limit or 10**6))]
     done: dict[tuple[str, int], dict] = {}
+    if args.report_only:
+        if not (args.json and args.json.exists()):
+            raise SystemExit("--report-only needs the --json file of a run")
+        args.resume = True
     if args.resume and args.json and args.json.exists():
         for line in args.json.read_text().splitlines():
             record = json.loads(line)
@@ -572,6 +584,8 @@ def main() -> None:
     for name, k in progress:
         if (name, k) in done:
             records.append(done[(name, k)])
+            continue
+        if args.report_only:
             continue
         progress.set_description(f"{name} split {k}")
         start = time.perf_counter()
