@@ -553,6 +553,13 @@ READING = """\
 
 def page(records: list[dict], command: str, settings: str, figure: str) -> str:
     summary, target = summary_table(records)
+    grouped = _by_set(records)
+    missing = [name for name in SETS if name not in grouped]
+    partial = [f"{name} ({len(results)} of {_available(name)})" for name, results in grouped.items()
+               if len(results) != _available(name)]
+    if missing or partial:
+        target += (f". Not in this run: {', '.join(missing) or 'none'}; sets with only some of their splits: "
+                   f"{', '.join(partial) or 'none'}")
     protocol = __doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0]
     sections = [
         PAGE_INTRO,

@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
     parser.add_argument("--clock", choices=list(CLOCKS), default="cpu", help=CLOCK_HELP)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--broaden", type=float, default=100.0,
+    parser.add_argument("--broaden", type=float, default=1e4,
                         help="also score the posterior with the tuned prior precision divided by this (untuned)")
     parser.add_argument("--checkpoint", type=Path,
                         help="load the trained ViT and its GGN diagonal from here where present; save them here")
