@@ -628,6 +628,9 @@ def main() -> None:
         if args.report_only:
             continue
         progress.set_description(f"{name} split {k}")
+        # Every StreamlinedModel compiles the same code object; Dynamo's recompile limit (1024 per code
+        # object, which fxstream.streamline raises to) would stop a run after about 100 splits.
+        torch._dynamo.reset()
         start = time.perf_counter()
         split = load_split(args.data / SETS[name][0], k)
         result = evaluate_split(split, 100 if name == "protein" else 50, args.steps, seed=k, repeats=repeats,
