@@ -159,10 +159,12 @@ def test_exact_joins_equal_laplace_torch_glm_on_a_residual_network() -> None:
     assert relative_error(pred.cov, f_var) < 1e-10
 
 
-def test_exact_joins_need_full_activations() -> None:
+def test_exact_joins_need_full_activations_and_the_eager_backend() -> None:
     model = ResidualMLP().to(DTYPE).eval()
     with pytest.raises(fxstream.FxstreamError, match="activation_cov='full'"):
         fxstream.streamline(model, fxstream.Diagonal(variances(model)), backend="eager", joins="exact")
+    with pytest.raises(fxstream.FxstreamError, match="backend='eager'"):
+        fxstream.streamline(model, fxstream.Diagonal(variances(model)), activation_cov="full", joins="exact")
 
 
 def test_planner_costs_the_cross_covariances() -> None:
