@@ -47,6 +47,11 @@ RULE_OPTIONS: dict[str, tuple[str, ...]] = {
     # activation carries its cross-covariance with the activations still to be read, and joins add it
     # (fxstream.rules.cross), so first-order rules give J Sigma J^T for any branching.
     "joins": ("independent", "exact"),
+    # "independent": a product of two factors computed from one tensor (SwiGLU's silu(h W_g) * (h W_u))
+    # treats them as independent (the paper); "linearised": for diagonal activations it adds their
+    # covariance diag(J_a diag(v_h) J_b^T) (fxstream.rules.gates), where each factor is per-element ops
+    # around at most one linear map from h.
+    "gates": ("independent", "linearised"),
 }
 DEFAULT_RULE_OPTIONS = {name: choices[0] for name, choices in RULE_OPTIONS.items()}
 

@@ -279,6 +279,10 @@ class ResidualBranch(torch.nn.Module):
 
     def diagonal(self, means: tuple) -> torch.Tensor:
         """diag(J_f) (rows, width) at the means; raises NotCarried where the forms cannot carry it."""
+        return _final_diagonal(self.form(means))
+
+    def form(self, means: tuple) -> Form:
+        """J_f at the means as one of the forms; raises NotCarried where they cannot carry it."""
         forms: dict[int, Form | NotCarried] = {self.fork: Diagonal(torch.ones_like(_rows(means[self.fork])), exact=True)}
         for step, reads, done in zip(self.steps, self.reads, self.done_after):
             if not step.held:
@@ -294,7 +298,7 @@ class ResidualBranch(torch.nn.Module):
             raise NotCarried("a branch output held at its mean")
         if isinstance(last, NotCarried):
             raise last
-        return _final_diagonal(last)
+        return last
 
     def _form(self, step: Step, formed: list, means: tuple) -> Form | NotCarried:
         """The step's form, or the reason it has none (raised only if a later step needs it:
@@ -529,8 +533,21 @@ def _build(fork, nodes, held, norm, sign) -> ResidualJoin | str:
         return "no example values"
     if tuple(fork.meta["val"].shape) != tuple(nodes[-1].meta["val"].shape):
         return "a branch whose output is not its input's shape"
-    index: dict[torch.fx.Node, int] = {fork: 0}
     inputs = [fork]
+    branch = _branch_module(fork, nodes, inputs, held, norm)
+    if isinstance(branch, str):
+        return branch
+    problem = _carried(lambda values: branch.diagonal(values), inputs)
+    if problem is not None and any(node.target in MIXING for node in nodes):
+        problem = "an attention branch, which mixes tokens (the forms act per token)"
+    return ResidualJoin(fork, inputs, branch, sign) if problem is None else problem
+
+
+def _branch_module(fork: torch.fx.Node, nodes: list[torch.fx.Node], inputs: list[torch.fx.Node], held,
+                   norm: str) -> ResidualBranch | str:
+    """The branch of ``nodes`` from ``fork`` (``inputs[0]``), its values referred to by their positions in
+    ``inputs``, which it extends (several branches can share one list); or why it cannot be one."""
+    index = {node: i for i, node in enumerate(inputs)}
 
     def ref(arg):
         if not isinstance(arg, torch.fx.Node):
@@ -546,21 +563,18 @@ def _build(fork, nodes, held, norm, sign) -> ResidualJoin | str:
             return f"a {node.op} node in the branch"
         args, kwargs = map_aggregate(node.args, ref), map_aggregate(dict(node.kwargs), ref)
         steps.append(Step(node.target, tuple(args), dict(kwargs), ref(node).index, node in held))
-    branch = ResidualBranch(steps, 0, norm)
-    problem = _carried(branch, inputs)
-    if problem is not None and any(node.target in MIXING for node in nodes):
-        problem = "an attention branch, which mixes tokens (the forms act per token)"
-    return ResidualJoin(fork, inputs, branch, sign) if problem is None else problem
+    return ResidualBranch(steps, index[fork], norm)
 
 
-def _carried(branch: ResidualBranch, inputs: list[torch.fx.Node]) -> str | None:
-    """Why the branch's diagonal cannot be evaluated, or None: tried once on meta tensors of the nodes'
-    example shapes. Symbolic sizes are taken at their example values: evaluating under the graph's own
-    fake mode would guard on them and specialise a symbolic capture (the planner's batch and seq)."""
+def _carried(evaluate, inputs: list[torch.fx.Node]) -> str | None:
+    """Why ``evaluate`` (a branch's diagonal, a product's cross term) cannot be evaluated, or None: tried
+    once on meta tensors of the nodes' example shapes. Symbolic sizes are taken at their example values:
+    evaluating under the graph's own fake mode would guard on them and specialise a symbolic capture
+    (the planner's batch and seq)."""
     try:
         values = tuple(_example(n.meta.get("val")) for n in inputs)
         with torch.no_grad():
-            branch.diagonal(values)
+            evaluate(values)
     except NotCarried as reason:
         return str(reason)
     return None
