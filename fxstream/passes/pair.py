@@ -126,7 +126,7 @@ class Pairing:
         self.held_at_mean = mean_only_nodes(old, self.options)
         self.joins = elementwise_joins(old)
         self.rms = rms_joins(old) if self.options["norm"] == "linearised" else {}
-        self.residuals = residual_joins(old, self.held_at_mean, self.options["norm"]) \
+        self.residuals = residual_joins(old, self.held_at_mean, self.options["norm"], self.options["attention"]) \
             if self.options["residual"] == "linearised" else {}
         self.gates = product_joins(old, self.held_at_mean, self.options["norm"]) \
             if self.options["gates"] == "linearised" and structure == "diag" else {}

@@ -152,7 +152,10 @@ def _build_product(fork: torch.fx.Node, factors: tuple[torch.fx.Node, torch.fx.N
     if factors[0].meta["val"].numel() // factors[0].meta["val"].shape[-1] != value.numel() // value.shape[-1]:
         return "factors whose rows are not the fork's"
     gate = GateProduct(branches[0], branches[1], (positions[0], positions[1]))
-    problem = _carried(lambda means: gate.covariance_diagonal(means, torch.ones_like(means[0])), inputs)
+    evaluate = lambda means: gate.covariance_diagonal(means, torch.ones_like(means[0]))  # noqa: E731
+    for branch in (b for b in branches if b is not None):
+        evaluate = branch.recorded(evaluate)
+    problem = _carried(evaluate, inputs)
     return ProductJoin(fork, inputs, gate) if problem is None else problem
 
 
