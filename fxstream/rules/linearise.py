@@ -20,7 +20,11 @@ TensorFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def push_forward(fn: TensorFn, mean: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
-    """J @ t for a stack of tangents (R, *mean.shape), J the Jacobian of fn at mean."""
+    """J @ t for a stack of tangents (R, *mean.shape), J the Jacobian of fn at mean.
+
+    A mean whose elements share memory (an expanded mask: Mistral's sliding window) is copied first:
+    forward-mode AD cannot make a dual of it."""
+    mean = mean.contiguous() if torch._debug_has_internal_overlap(mean) == 1 else mean
     return vmap(lambda t: jvp(fn, (mean,), (t,))[1])(tangents)
 
 
