@@ -51,12 +51,14 @@ DTYPE = torch.float64
 #: full activation covariance only where no activation of a sample is larger (its covariance: 4096^2 entries)
 FULL_LIMIT = 4096
 LINEARISED = {"norm": "linearised", "attention": "linearised"}
+CHEAP = {"residual": "linearised", "gates": "linearised"}
 SETTINGS: dict[str, dict[str, str]] = {
     "paper (diag)": {},
     "norm=linearised": {"norm": "linearised"},
+    "norm, attention linearised": LINEARISED,
     "residual=linearised": {"residual": "linearised"},
-    "diag, all cheap terms": {**LINEARISED, "residual": "linearised", "gates": "linearised"},
     "gates=linearised": {"gates": "linearised"},
+    "residual, gates linearised": CHEAP,
     "full": {"activation_cov": "full"},
     "full + linearised": {"activation_cov": "full", **LINEARISED},
     "full + linearised + joins=exact": {"activation_cov": "full", **LINEARISED, "joins": "exact"},

@@ -227,9 +227,9 @@ def streamline(
         residual: "paper" treats the two operands of a residual add as independent;
             "linearised" adds their covariance 2 v_h * diag(J_f) (first order) wherever the
             branch f is elementwise ops around at most two linear maps or two stride-1
-            convolutions (MLP and gated-MLP branches, ResNet basic blocks), and warns once
-            with how many joins it left independent and why (attention, bottlenecks,
-            downsampling shortcuts). Trained branches partly cancel what they receive, which
+            convolutions (MLP and gated-MLP branches, ResNet basic blocks) or an attention
+            branch under attention="paper" (its value path), and warns once with how many
+            joins it left independent and why (bottlenecks, downsampling shortcuts). Trained branches partly cancel what they receive, which
             "paper" misses: see docs/transformers.md.
         variance_matmul: "exact" runs the variance GEMMs of linear layers in the model's dtype;
             "bfloat16" rounds their operands to bfloat16 (tensor cores on a GPU; about 0.4%

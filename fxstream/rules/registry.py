@@ -31,7 +31,8 @@ RULE_OPTIONS: dict[str, tuple[str, ...]] = {
     "norm": ("paper", "linearised"),
     # "paper": a residual add treats its skip path and branch as independent; "linearised": it
     # adds their covariance 2 v_h * diag(J_f), for branches whose Jacobian diagonal the forms in
-    # fxstream.rules.residual carry (MLP branches; attention branches stay independent).
+    # fxstream.rules.residual carry (MLP branches, two-convolution branches, attention branches under
+    # attention="paper").
     "residual": ("paper", "linearised"),
     # "exact": the variance GEMMs of linear layers in the model's dtype; "bfloat16": their
     # operands rounded to bfloat16 (tensor cores on a GPU), about 0.4% relative error in the

@@ -26,12 +26,27 @@ J = sum_t diag(a_t) K1 diag(g_t) after the first, and after the second
 where r(q) is the tap of W1 that leads from output position p, through tap q
 of W2, back to input position p: one convolution of K2's size per term.
 
+Attention branches (x -> V projection -> heads -> attention -> heads merged ->
+output projection) under the paper's attention rule, where P is held at the
+mean: out_t = sum_s P_ts v_s, and since the maps act per token, only each
+token's weight on itself, P_tt, leads back to diag(J). So between the two maps
+the form follows the elements through the layout ops (views, transposes, a
+fused QKV projection's split, GQA's repeated heads; :class:`Placed`) and the
+attention scales it by diag(P):
+
+    diag(J)[t, i] = sum_j W_o[i, j] P_{h(j), tt} a[t, j] W_v[k(j), i] g[t, i]
+
+(k(j): the value feature that output feature j reads, found once at build
+time). Under attention="linearised" the queries and keys would add, per token,
+an E x E Jacobian per head, which no such form carries.
+
 The Jacobian is carried as such a form through the branch, evaluated at the
 means the graph already holds. A branch with anything else keeps the
-independent add: attention mixes tokens; a third map (bottleneck and
-inverted-residual blocks) would need, at every position, a sum over two
-hidden layers' channels; a downsampling shortcut puts maps on both paths.
-:func:`warn_uncovered_joins` says once per graph how many joins were left and why.
+independent add: a third map (bottleneck and inverted-residual blocks) would
+need, at every position, a sum over two hidden layers' channels; a downsampling
+shortcut puts maps on both paths; Phi-3's fused gate/up projection multiplies
+two pieces of one map. :func:`warn_uncovered_joins` says once per graph how
+many joins were left and why.
 """
 
 from __future__ import annotations
