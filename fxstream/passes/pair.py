@@ -290,29 +290,25 @@ class Pairing:
 
     def gated_product(self, node: torch.fx.Node, gate, cov_node: torch.fx.Node) -> torch.fx.Node:
         """A product of two factors from one tensor: the independent product plus their covariance terms."""
-        name = f"fxstream_gate_{node.name}"
-        self.root.add_module(name, gate.gate)
-        module = self.graph.get_attr(name)
-        _tag(module, node, "gated_product")
-        joined = self.graph.call_function(
-            product_covariance,
-            (module, tuple(self.mean[n] for n in gate.inputs), self.cov[gate.fork], cov_node,
-             self.options["products"] == "moments"),
-        )
-        _tag(joined, node, "gated_product")
-        return joined
+        return self.join_term(node, "gated_product", gate.gate, product_covariance, gate.inputs, gate.fork, cov_node,
+                              self.options["products"] == "moments")
 
     def residual_join(self, node: torch.fx.Node, residual, cov_node: torch.fx.Node) -> torch.fx.Node:
         """A residual add: the independent sum plus the skip/branch cross term."""
-        name = f"fxstream_residual_{node.name}"
-        self.root.add_module(name, residual.branch)
-        branch = self.graph.get_attr(name)
-        _tag(branch, node, "residual_join")
+        return self.join_term(node, "residual_join", residual.branch, residual_covariance, residual.inputs,
+                              residual.fork, cov_node, residual.sign)
+
+    def join_term(self, node: torch.fx.Node, rule: str, module: torch.nn.Module, function: Callable,
+                  inputs: list[torch.fx.Node], fork: torch.fx.Node, cov_node: torch.fx.Node, *extra) -> torch.fx.Node:
+        """``function(module, the means of inputs, the fork's covariance, cov_node, *extra)``: a join's
+        covariance, ``module`` (how to evaluate the cross term) kept on the rewritten graph."""
+        name = f"fxstream_{rule}_{node.name}"
+        self.root.add_module(name, module)
+        attribute = self.graph.get_attr(name)
+        _tag(attribute, node, rule)
         joined = self.graph.call_function(
-            residual_covariance,
-            (branch, tuple(self.mean[n] for n in residual.inputs), self.cov[residual.fork], cov_node, residual.sign),
-        )
-        _tag(joined, node, "residual_join")
+            function, (attribute, tuple(self.mean[n] for n in inputs), self.cov[fork], cov_node, *extra))
+        _tag(joined, node, rule)
         return joined
 
     def unsupported(self, node: torch.fx.Node, problem: str) -> torch.fx.Node:

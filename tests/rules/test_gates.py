@@ -11,7 +11,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import fxstream
 from fxstream.rules import mean_only_nodes
 from fxstream.rules.gates import product_joins
-from harness import DTYPE, rand, randn
+from harness import DTYPE, node_values, rand, randn
 
 D, K = 4, 6
 
@@ -41,18 +41,6 @@ def own_input_factors(h, w_gate, w_up, norm=lambda h: h):
 FACTORS = [swiglu_factors, geglu_factors, own_input_factors]
 
 
-def _values(graph_module: torch.fx.GraphModule, *args) -> dict:
-    values = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n):
-            values[n] = super().run_node(n)
-            return values[n]
-
-    Recorder(graph_module).run(*args)
-    return values
-
-
 @pytest.mark.parametrize("factors", FACTORS, ids=lambda f: f.__name__)
 def test_cross_term_equals_jacrev(factors) -> None:
     """diag(J_a diag(v) J_b^T) from the forms equals the Jacobians' own (J in the fork: the norm's output)."""
@@ -64,7 +52,7 @@ def test_cross_term_equals_jacrev(factors) -> None:
     output = next(iter(graph_module.graph.find_nodes(op="output"))).args[0]
     join = joins.get(output)
     assert join is not None, "the gated product was not recognised"
-    values = _values(graph_module, h, w_gate, w_up)
+    values = node_values(graph_module, h, w_gate, w_up)
     got = join.gate.covariance_diagonal(tuple(values[n] for n in join.inputs), v)
 
     fork = values[join.fork]

@@ -13,7 +13,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import fxstream
 from fxstream.rules import mean_only_nodes
 from fxstream.rules.residual import residual_joins
-from harness import DTYPE, rand, randn
+from harness import DTYPE, node_values, rand, randn
 
 D, K = 4, 6
 
@@ -57,19 +57,6 @@ def _weights(branch):
     return [randn(*s) for s in shapes]
 
 
-def _values(graph_module: torch.fx.GraphModule, *args) -> dict:
-    """Every node's value on ``args``."""
-    values = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n):
-            values[n] = super().run_node(n)
-            return values[n]
-
-    Recorder(graph_module).run(*args)
-    return values
-
-
 def _held(norm, h):
     """``norm`` with its statistics held at their values for h (the paper's norm rule)."""
     if norm is layer_norm:
@@ -96,7 +83,7 @@ def test_branch_jacobian_diagonal_equals_jacrev(branch) -> None:
     output = next(iter(block.graph.find_nodes(op="output"))).args[0]
     join = joins.get(output)
     assert join is not None, "the residual join was not recognised"
-    values = _values(block, h, *weights)
+    values = node_values(block, h, *weights)
     got = join.branch.diagonal(tuple(values[n] for n in join.inputs)).reshape(h.shape)
     torch.testing.assert_close(got, _jacobian_diagonal(branch, h, weights))
 
@@ -188,7 +175,7 @@ def _join(block, h):
     output = next(iter(graph_module.graph.find_nodes(op="output"))).args[0]
     join = joins.get(output)
     assert join is not None, "the residual join was not recognised"
-    values = _values(graph_module, h)
+    values = node_values(graph_module, h)
     return join.branch.diagonal(tuple(values[n] for n in join.inputs)).reshape(h.shape)
 
 
@@ -261,7 +248,7 @@ def test_torchvision_basic_block_as_captured() -> None:
     joins = residual_joins(graph, mean_only_nodes(graph, {"norm": "paper"}), "paper")
     assert len(joins) == 1
     join = next(iter(joins.values()))
-    values = _values(captured.graph_module, *captured.example_inputs)
+    values = node_values(captured.graph_module, *captured.example_inputs)
     got = join.branch.diagonal(tuple(values[n] for n in join.inputs)).reshape(x.shape)
 
     def branch(h):
@@ -360,7 +347,7 @@ def test_attention_branch_jacobian_diagonal_equals_jacrev(kind) -> None:
     output = next(iter(graph_module.graph.find_nodes(op="output"))).args[0]
     join = joins.get(output)
     assert join is not None, "the attention join was not recognised"
-    values = _values(graph_module, h, *weights)
+    values = node_values(graph_module, h, *weights)
     got = join.branch.diagonal(tuple(values[n] for n in join.inputs)).reshape(h.shape)
 
     x = F.layer_norm(h, (D,))
