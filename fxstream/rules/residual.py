@@ -389,8 +389,9 @@ class ResidualBranch(torch.nn.Module):
         for step, reads, done in zip(self.steps, self.reads, self.done_after):
             if not step.held:
                 formed = [(i, forms[a.index]) for i, a in enumerate(step.args) if isinstance(a, Ref) and a.index in forms]
-                if step.target is aten.cat.default and _cat_of_one(step, forms, means):
-                    forms[step.index] = next(forms[r.index] for r in step.args[0] if r.index in forms)
+                kept = _cat_of_one(step, means) if step.target is aten.cat.default else None
+                if kept is not None and kept.index in forms:
+                    forms[step.index] = forms[kept.index]
                 elif len(formed) != len([index for index in reads if index in forms]):
                     forms[step.index] = NotCarried(f"{step.target} takes the branch inside a list or as a keyword")
                 elif formed:
@@ -533,14 +534,14 @@ class ResidualBranch(torch.nn.Module):
         raise NotCarried(f"{target}, an op the forms do not carry")
 
 
-def _cat_of_one(step: Step, forms: dict, means: tuple) -> bool:
-    """Whether a cat joins one branch tensor with empty ones only (a key/value cache's first call): then
-    it passes the branch tensor on unchanged."""
+def _cat_of_one(step: Step, means: tuple) -> Ref | None:
+    """The one non-empty piece of a cat whose other pieces are empty (a key/value cache's first call),
+    which the cat passes on unchanged; None for any other cat."""
     pieces = step.args[0]
     if not isinstance(pieces, (list, tuple)) or not all(isinstance(p, Ref) for p in pieces):
-        return False
-    formed = [p for p in pieces if p.index in forms]
-    return len(formed) == 1 and all(means[p.index].numel() == 0 for p in pieces if p.index not in forms)
+        return None
+    filled = [p for p in pieces if means[p.index].numel() > 0]
+    return filled[0] if len(filled) == 1 else None
 
 
 def _batch_norm_slope(target, args: tuple, kwargs: dict, formed: list[int]) -> torch.Tensor:

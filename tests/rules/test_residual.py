@@ -311,10 +311,11 @@ def test_linearised_conv_residual_equals_the_linearised_predictive() -> None:
 HEADS, KV_HEADS = 2, 1
 
 
-def attention_branch(h, wq, wk, wv, wo, sdpa=True, fused=False):
+def attention_branch(h, wq, wk, wv, wo, sdpa=True, fused=False, cache=False):
     """Layer norm, Q/K/V projections (fused: one projection split in three, as GPT-2's c_attn), heads,
     attention (causal SDPA, or softmax(q k^T) @ v), heads merged, output projection; GQA where the keys
-    and values have fewer heads than the queries."""
+    and values have fewer heads than the queries; ``cache``: keys and values appended to an empty
+    key/value cache first (a decoder's first call)."""
     b, t, _ = h.shape
     x = F.layer_norm(h, (D,))
     if fused:
@@ -323,6 +324,8 @@ def attention_branch(h, wq, wk, wv, wo, sdpa=True, fused=False):
         q, k, v = F.linear(x, wq), F.linear(x, wk), F.linear(x, wv)
     q = q.view(b, t, HEADS, -1).transpose(1, 2)
     k, v = (y.view(b, t, y.shape[-1] // (D // HEADS), -1).transpose(1, 2) for y in (k, v))
+    if cache:
+        k, v = (torch.cat([y.new_zeros(b, y.shape[1], 0, y.shape[-1]), y], dim=2) for y in (k, v))
     if sdpa:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != HEADS)
     else:
@@ -332,7 +335,7 @@ def attention_branch(h, wq, wk, wv, wo, sdpa=True, fused=False):
     return F.linear(out.transpose(1, 2).reshape(b, t, -1), wo)
 
 
-@pytest.mark.parametrize("kind", ["sdpa", "sdpa_gqa", "eager", "fused"])
+@pytest.mark.parametrize("kind", ["sdpa", "sdpa_gqa", "eager", "fused", "cache"])
 def test_attention_branch_jacobian_diagonal_equals_jacrev(kind) -> None:
     """diag(J_f) of h + attention(h) with P held at the mean (the paper's attention rule) equals jacrev's."""
     from fxstream.rules.attention import attention_probabilities
@@ -340,7 +343,7 @@ def test_attention_branch_jacobian_diagonal_equals_jacrev(kind) -> None:
     h = 2 * randn(2, 3, D, seed=40)
     kv = D // HEADS * (KV_HEADS if kind == "sdpa_gqa" else HEADS)
     weights = [randn(D, D, seed=41), randn(kv, D, seed=42), randn(kv, D, seed=43), randn(D, D, seed=44)]
-    options = dict(sdpa=kind != "eager", fused=kind == "fused")
+    options = dict(sdpa=kind != "eager", fused=kind == "fused", cache=kind == "cache")
     graph_module = make_fx(lambda h, *w: h + attention_branch(h, *w, **options), pre_dispatch=True)(h, *weights)
     held = mean_only_nodes(graph_module.graph, {"norm": "paper", "attention": "paper"})
     joins = residual_joins(graph_module.graph, held, "paper", "paper")
