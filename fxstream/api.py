@@ -250,6 +250,7 @@ def streamline(
     variance_matmul: Literal["exact", "bfloat16"] = "exact",
     products: Literal["moments", "linearised"] = "moments",
     joins: Literal["independent", "exact"] = "independent",
+    gates: Literal["independent", "linearised"] = "independent",
     backend: Literal["inductor", "eager"] = "inductor",
     output: str | int | None = None,
     budget: int | str | None = None,
@@ -275,9 +276,9 @@ def streamline(
         residual: "paper" treats the two operands of a residual add as independent;
             "linearised" adds their covariance 2 v_h * diag(J_f) (first order) wherever the
             branch f is elementwise ops around at most two linear maps or two stride-1
-            convolutions (MLP and gated-MLP branches, ResNet basic blocks), and warns once
-            with how many joins it left independent and why (attention, bottlenecks,
-            downsampling shortcuts). Trained branches partly cancel what they receive, which
+            convolutions (MLP and gated-MLP branches, ResNet basic blocks) or an attention
+            branch under attention="paper" (its value path), and warns once with how many
+            joins it left independent and why (bottlenecks, downsampling shortcuts). Trained branches partly cancel what they receive, which
             "paper" misses: see docs/transformers.md.
         variance_matmul: "exact" runs the variance GEMMs of linear layers in the model's dtype;
             "bfloat16" rounds their operands to bfloat16 (tensor cores on a GPU; about 0.4%
@@ -297,6 +298,11 @@ def streamline(
             for any architecture (parameters read twice, such as tied embeddings, excepted).
             Costs a cross-covariance per pair of live activations (a residual stream and the
             block's current tensor: about 2-4x the full pass).
+        gates: "independent" treats the two factors of a product computed from one tensor (SwiGLU's
+            silu(h W_g^T) * (h W_u^T), GEGLU) as independent, as the paper does. "linearised" adds their
+            covariance (first order, diagonal activations) where each factor is elementwise ops around at
+            most one linear map from the common tensor; one GEMM of the gate's size per gate
+            (``fxstream.rules.gates``).
         backend: "inductor" compiles the rewritten graph; "eager" runs it as an FX GraphModule.
         output: the key or index of the output to return the predictive of, for models returning
             a dict, dataclass or tuple (default: "logits" if present, else the first tensor).
@@ -309,7 +315,7 @@ def streamline(
         raise FxstreamError("the model is in training mode; call model.eval() before streamline()")
     rule_options = {"attention": attention, "norm": norm, "residual": residual,
                     "variance_matmul": variance_matmul, "products": products,
-                    "joins": joins}
+                    "joins": joins, "gates": gates}
     chosen = None
     if budget is not None:
         from .planner import plan

@@ -86,10 +86,11 @@ class StreamlineOptions:
         if self.likelihood == "classification" and self.sigma_noise is not None:
             warnings.warn("sigma_noise is the observation noise of regression; with likelihood='classification' "
                           "it has no effect", FxstreamWarning, stacklevel=3)
-        if self.rule_options.get("residual") == "linearised" and self.activation_cov == "full":
-            warnings.warn("residual='linearised' adds the branch covariance for diagonal activations only; with "
-                          "activation_cov='full' every residual add stays independent, as under 'paper'",
-                          FxstreamWarning, stacklevel=3)
+        for option, what in (("residual", "branch covariance"), ("gates", "factors' covariance")):
+            if self.rule_options.get(option) == "linearised" and self.activation_cov == "full":
+                warnings.warn(f"{option}='linearised' adds the {what} for diagonal activations only; with "
+                              f"activation_cov='full' it has no effect (joins='exact' adds every join's "
+                              f"cross-covariance there)", FxstreamWarning, stacklevel=3)
 
 
 @dataclass

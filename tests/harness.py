@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx
 from torch._ops import OpOverload
 from torch.func import jacrev, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -256,6 +257,19 @@ class Prepared:
                 total[o] = total[o] + y.sum(0)
                 square[o] = square[o] + y.square().sum(0)
         return [sq / samples - (t / samples).square() for t, sq in zip(total, square)]
+
+
+def node_values(graph_module: torch.fx.GraphModule, *args) -> dict:
+    """Every node's value when ``graph_module`` runs on ``args``."""
+    values = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            values[n] = super().run_node(n)
+            return values[n]
+
+    Recorder(graph_module).run(*args)
+    return values
 
 
 def random_cov(mean: torch.Tensor, scale: float, seed: int) -> torch.Tensor:

@@ -118,10 +118,11 @@ def test_exact_joins_equal_glm_with_every_weight_bayesian(make, shape) -> None:
     assert relative_error(independent.cov, expected) > 1e-3  # the joins matter in each of these models
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral"])
 def test_exact_joins_equal_glm_on_transformers(name: str) -> None:
     """Residual stream, Q/K/V from one input (GPT-2 splits one projection), SwiGLU: all joins. Llama's RMSNorm
-    computes in float32 inside a float64 model, which limits the agreement to float32 rounding there."""
+    computes in float32 inside a float64 model, which limits the agreement to float32 rounding there.
+    Mistral's sliding-window mask is an expanded tensor, whose elements share memory."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     common = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24, vocab_size=11,
@@ -130,6 +131,9 @@ def test_exact_joins_equal_glm_on_transformers(name: str) -> None:
         config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=11, n_positions=16,
                                          bos_token_id=0, eos_token_id=0)
         model = transformers.GPT2LMHeadModel(config)
+    elif name == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(num_key_value_heads=1, sliding_window=3,
+                                                                           **common))
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=1, **common))
     model = model.to(DTYPE).eval()

@@ -24,6 +24,7 @@ from ..rules.linearise import diag_to_full, full_to_diag
 from ..rules.norm import rms_norm_covariance
 from ..rules.patterns import rms_joins
 from ..rules.region import elementwise_joins, region_covariance
+from ..rules.gates import product_covariance, product_joins
 from ..rules.residual import residual_covariance, residual_joins
 from ..rules.registry import ACTIVATION_STRUCTURES, RuleCall
 from .capture import CapturedGraph, module_path
@@ -125,8 +126,10 @@ class Pairing:
         self.held_at_mean = mean_only_nodes(old, self.options)
         self.joins = elementwise_joins(old)
         self.rms = rms_joins(old) if self.options["norm"] == "linearised" else {}
-        self.residuals = residual_joins(old, self.held_at_mean, self.options["norm"]) \
+        self.residuals = residual_joins(old, self.held_at_mean, self.options["norm"], self.options["attention"]) \
             if self.options["residual"] == "linearised" else {}
+        self.gates = product_joins(old, self.held_at_mean, self.options["norm"]) \
+            if self.options["gates"] == "linearised" and structure == "diag" else {}
         self.graph = torch.fx.Graph()
         self.root = torch.nn.Module()
         self.mean: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -137,7 +140,7 @@ class Pairing:
         self.crosses = CrossCovariances(self.graph, self.mean, self.cov, self.kind, self.options) \
             if self.options["joins"] == "exact" and structure == "full" else None
         if self.crosses is not None:  # the cross-covariances make every join exact; no pattern needed
-            self.joins, self.rms, self.residuals = {}, {}, {}
+            self.joins, self.rms, self.residuals, self.gates = {}, {}, {}, {}
         self.first_input: torch.fx.Node | None = None
         self.batch: torch.fx.Node | None = None  # the input's leading size, made once for full-structure rules
 
@@ -279,19 +282,33 @@ class Pairing:
         residual = self.residuals.get(node)
         if residual is not None and self.kind.get(residual.fork) == "diag" and out_structure == "diag":
             cov_node = self.residual_join(node, residual, cov_node)
+        gate = self.gates.get(node)
+        if gate is not None and out_structure == "diag" and self.kind.get(gate.fork) == "diag" \
+                and all(self.kind.get(factor) == "diag" for factor in node.args[:2]):
+            cov_node = self.gated_product(node, gate, cov_node)
         return cov_node
+
+    def gated_product(self, node: torch.fx.Node, gate, cov_node: torch.fx.Node) -> torch.fx.Node:
+        """A product of two factors from one tensor: the independent product plus their covariance terms."""
+        return self.join_term(node, "gated_product", gate.gate, product_covariance, gate.inputs, gate.fork, cov_node,
+                              self.options["products"] == "moments")
 
     def residual_join(self, node: torch.fx.Node, residual, cov_node: torch.fx.Node) -> torch.fx.Node:
         """A residual add: the independent sum plus the skip/branch cross term."""
-        name = f"fxstream_residual_{node.name}"
-        self.root.add_module(name, residual.branch)
-        branch = self.graph.get_attr(name)
-        _tag(branch, node, "residual_join")
+        return self.join_term(node, "residual_join", residual.branch, residual_covariance, residual.inputs,
+                              residual.fork, cov_node, residual.sign)
+
+    def join_term(self, node: torch.fx.Node, rule: str, module: torch.nn.Module, function: Callable,
+                  inputs: list[torch.fx.Node], fork: torch.fx.Node, cov_node: torch.fx.Node, *extra) -> torch.fx.Node:
+        """``function(module, the means of inputs, the fork's covariance, cov_node, *extra)``: a join's
+        covariance, ``module`` (how to evaluate the cross term) kept on the rewritten graph."""
+        name = f"fxstream_{rule}_{node.name}"
+        self.root.add_module(name, module)
+        attribute = self.graph.get_attr(name)
+        _tag(attribute, node, rule)
         joined = self.graph.call_function(
-            residual_covariance,
-            (branch, tuple(self.mean[n] for n in residual.inputs), self.cov[residual.fork], cov_node, residual.sign),
-        )
-        _tag(joined, node, "residual_join")
+            function, (attribute, tuple(self.mean[n] for n in inputs), self.cov[fork], cov_node, *extra))
+        _tag(joined, node, rule)
         return joined
 
     def unsupported(self, node: torch.fx.Node, problem: str) -> torch.fx.Node:

@@ -24,7 +24,9 @@ def push_forward(fn: TensorFn, mean: torch.Tensor, tangents: torch.Tensor) -> to
 
     Mean and tangents are made contiguous: forward AD gives a tangent whose
     layout differs from its primal's a fresh buffer of the primal's layout,
-    which with symbolic sizes (a lowered dynamic graph) it cannot allocate.
+    which with symbolic sizes (a lowered dynamic graph) it cannot allocate, and
+    it cannot make a dual of a mean whose elements share memory (an expanded
+    mask: Mistral's sliding window).
     """
     mean, tangents = mean.contiguous(), tangents.contiguous()
     return vmap(lambda t: jvp(fn, (mean,), (t,))[1])(tangents)

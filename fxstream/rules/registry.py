@@ -32,7 +32,8 @@ RULE_OPTIONS: dict[str, tuple[str, ...]] = {
     "norm": ("paper", "linearised"),
     # "paper": a residual add treats its skip path and branch as independent; "linearised": it
     # adds their covariance 2 v_h * diag(J_f), for branches whose Jacobian diagonal the forms in
-    # fxstream.rules.residual carry (MLP branches; attention branches stay independent).
+    # fxstream.rules.residual carry (MLP branches, two-convolution branches, attention branches under
+    # attention="paper").
     "residual": ("paper", "linearised"),
     # "exact": the variance GEMMs of linear layers in the model's dtype; "bfloat16": their
     # operands rounded to bfloat16 (tensor cores on a GPU), about 0.4% relative error in the
@@ -48,6 +49,11 @@ RULE_OPTIONS: dict[str, tuple[str, ...]] = {
     # activation carries its cross-covariance with the activations still to be read, and joins add it
     # (fxstream.rules.cross), so first-order rules give J Sigma J^T for any branching.
     "joins": ("independent", "exact"),
+    # "independent": a product of two factors computed from one tensor (SwiGLU's silu(h W_g) * (h W_u))
+    # treats them as independent (the paper); "linearised": for diagonal activations it adds their
+    # covariance diag(J_a diag(v_h) J_b^T) (fxstream.rules.gates), where each factor is per-element ops
+    # around at most one linear map from h.
+    "gates": ("independent", "linearised"),
 }
 DEFAULT_RULE_OPTIONS = {name: choices[0] for name, choices in RULE_OPTIONS.items()}
 

@@ -26,12 +26,27 @@ J = sum_t diag(a_t) K1 diag(g_t) after the first, and after the second
 where r(q) is the tap of W1 that leads from output position p, through tap q
 of W2, back to input position p: one convolution of K2's size per term.
 
+Attention branches (x -> V projection -> heads -> attention -> heads merged ->
+output projection) under the paper's attention rule, where P is held at the
+mean: out_t = sum_s P_ts v_s, and since the maps act per token, only each
+token's weight on itself, P_tt, leads back to diag(J). So between the two maps
+the form follows the elements through the layout ops (views, transposes, a
+fused QKV projection's split, GQA's repeated heads; :class:`Placed`) and the
+attention scales it by diag(P):
+
+    diag(J)[t, i] = sum_j W_o[i, j] P_{h(j), tt} a[t, j] W_v[k(j), i] g[t, i]
+
+(k(j): the value feature that output feature j reads, found once at build
+time). Under attention="linearised" the queries and keys would add, per token,
+an E x E Jacobian per head, which no such form carries.
+
 The Jacobian is carried as such a form through the branch, evaluated at the
 means the graph already holds. A branch with anything else keeps the
-independent add: attention mixes tokens; a third map (bottleneck and
-inverted-residual blocks) would need, at every position, a sum over two
-hidden layers' channels; a downsampling shortcut puts maps on both paths.
-:func:`warn_uncovered_joins` says once per graph how many joins were left and why.
+independent add: a third map (bottleneck and inverted-residual blocks) would
+need, at every position, a sum over two hidden layers' channels; a downsampling
+shortcut puts maps on both paths; Phi-3's fused gate/up projection multiplies
+two pieces of one map. :func:`warn_uncovered_joins` says once per graph how
+many joins were left and why.
 """
 
 from __future__ import annotations
@@ -60,6 +75,12 @@ LINEAR_MAPS = frozenset({aten.linear.default, aten.addmm.default, aten.mm.defaul
 CONVOLUTIONS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
                           aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding})
 MIXING = frozenset({*SOFTMAX, aten.scaled_dot_product_attention.default})
+#: ops that move elements without changing their values (a Chain's ``a`` follows them; see Placed)
+MOVES = PASS_THROUGH | {aten.transpose.int, aten.permute.default, aten.expand.default, aten.unsqueeze.default,
+                        aten.squeeze.dim, aten.squeeze.dims, aten.split.Tensor, aten.split_with_sizes.default,
+                        aten.slice.Tensor, aten.t.default, aten.repeat_interleave.self_int}
+#: token mixing whose diagonal part scales the values' form: attention (paper rule), P @ V with P at the mean
+TOKEN_MIXING = frozenset({aten.scaled_dot_product_attention.default, aten.matmul.default})
 BATCH_NORMS = frozenset({aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default})
 THIRD_MAP = ("more than two linear maps or convolutions (a bottleneck or inverted-residual branch): its "
              "diag(J_f) would need, at every position, a sum over the channels of two hidden layers")
@@ -120,7 +141,27 @@ class ConvChain:
     terms: dict[str, tuple[torch.Tensor | None, Conv, torch.Tensor]]
 
 
-Form = Union[Diagonal, Chain, ConvChain]
+@dataclass
+class Placed:
+    """A Chain whose elements ops have moved: J = sum_t diag(a_t) R_t M_t diag(g_t), a_t in the current
+    tensor's layout (its shape) and R_t the layout ops since the map. ``where_t`` (build time only, else
+    None) holds, per element, its flat index row * K + k into the map's output, so that the second map
+    can check that every element is back in its own row and find the feature k it came from.
+    ``mixed``: a token-mixing op (attention) has been passed; only its diagonal (each token's weight on
+    itself) is kept, which is exact for diag(J) as long as nothing after it mixes tokens again."""
+
+    terms: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]]
+    mixed: bool = False
+
+
+@dataclass
+class Pieces:
+    """The forms of the outputs of a split."""
+
+    forms: list
+
+
+Form = Union[Diagonal, Chain, ConvChain, Placed]
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -129,6 +170,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _scaled(form: Form, e: torch.Tensor) -> Form:
     """diag(e) J."""
+    if isinstance(form, Placed):
+        return Placed({k: (e * a, w, m, g) for k, (a, w, m, g) in form.terms.items()}, form.mixed)
     if isinstance(form, ConvChain):
         return ConvChain({k: (e if a is None else e * a, c, g) for k, (a, c, g) in form.terms.items()})
     e = _rows(e)
@@ -138,6 +181,8 @@ def _scaled(form: Form, e: torch.Tensor) -> Form:
 
 
 def _sum(first: Form, second: Form) -> Form:
+    if isinstance(first, Placed) or isinstance(second, Placed):
+        raise NotCarried("a branch that adds paths after moving their elements")
     if isinstance(first, Diagonal) and isinstance(second, Diagonal):
         return Diagonal(first.d + second.d, first.exact and second.exact)
     if type(first) is type(second) and isinstance(first, (Chain, ConvChain)):
@@ -156,12 +201,64 @@ def _through_map(form: Form, m: torch.Tensor, key: str) -> Form:
         return Chain({key: (None, m, form.d)})
     if isinstance(form, ConvChain):
         raise NotCarried("a convolution and a linear map in one branch")
+    if isinstance(form, Placed):
+        raise NotCarried("moved elements reaching a second map without their sources")  # see _through_placed
     total = None
     for a, first, g in form.terms.values():
         if m.shape[0] != first.shape[1]:
             raise NotCarried(THIRD_MAP)
         product = m.t() * first
         along = product.sum(0).expand_as(g) if a is None else a @ product
+        total = along * g if total is None else total + along * g
+    return Diagonal(total, exact=False)
+
+
+def _placed(form: Form, x: torch.Tensor, recording: bool) -> Placed:
+    """``form`` (of ``x``) as a Placed form, ``a`` in x's shape (and, when recording, each element's index)."""
+    if isinstance(form, Placed):
+        return form
+    if not isinstance(form, Chain):
+        raise NotCarried("an op that moves elements before the branch's first map")
+    terms = {}
+    for key, (a, m, g) in form.terms.items():
+        a = x.new_ones(x.shape) if a is None else a.reshape(x.shape)
+        where = torch.arange(x.numel(), device="cpu").reshape(x.shape) if recording else None
+        terms[key] = (a, where, m, g)
+    return Placed(terms)
+
+
+def _moved(form: Placed, move) -> Form:
+    """The same layout op applied to every term's ``a`` (and ``where``); a split gives Pieces."""
+    moved = {k: (move(a), None if w is None else move(w.reshape(a.shape)), m, g) for k, (a, w, m, g) in form.terms.items()}
+    first = next(iter(moved.values()))[0]
+    if isinstance(first, (list, tuple)):
+        return Pieces([Placed({k: (a[i], None if w is None else w[i], m, g) for k, (a, w, m, g) in moved.items()},
+                              form.mixed) for i in range(len(first))])
+    return Placed(moved, form.mixed)
+
+
+def _through_placed(form: Placed, m: torch.Tensor, sources: dict[str, torch.Tensor] | None,
+                    recorded: dict[str, torch.Tensor]) -> Form:
+    """diag(J) after a second map m (out, K2) of moved elements: every element must be back in its own
+    row (checked at build time, when ``where`` is known) and come from one feature k(j) of the first
+    map per input feature j of the second, the same in every row: then, as for a Chain,
+
+        diag(J)[r, i] = sum_j m[i, j] a[r, j] M[k(j), i] g[r, i].
+    """
+    total = None
+    for key, (a, where, first, g) in form.terms.items():
+        width = a.shape[-1]
+        if m.shape[1] != width or m.shape[0] != first.shape[1]:
+            raise NotCarried(THIRD_MAP)
+        if where is not None:
+            where = where.reshape(-1, width)
+            rows, features = where // first.shape[0], where % first.shape[0]
+            if rows.shape[0] != g.shape[0] or not bool((rows == torch.arange(rows.shape[0])[:, None]).all()) \
+                    or not bool((features == features[:1]).all()):
+                raise NotCarried("a branch that moves features across tokens between its maps")
+            recorded[key] = features[0]
+        source = recorded[key] if sources is None else sources[key]
+        along = a.reshape(-1, width) @ (m.t() * first[source.to(first.device)])
         total = along * g if total is None else total + along * g
     return Diagonal(total, exact=False)
 
@@ -230,6 +327,8 @@ def _conv_diagonal(conv: Conv) -> torch.Tensor:
 
 def _final_diagonal(form: Form) -> torch.Tensor:
     """diag(J) of the branch's output."""
+    if isinstance(form, (Placed, Pieces)):
+        raise NotCarried("a branch that ends with moved elements and one linear map")
     if isinstance(form, Diagonal):
         return form.d
     if isinstance(form, ConvChain):
@@ -268,9 +367,12 @@ class Ref:
 class ResidualBranch(torch.nn.Module):
     """The ops from a fork h to the branch output f(h), and how to evaluate diag(J_f) on their means."""
 
-    def __init__(self, steps: list[Step], fork: int, norm: str) -> None:
+    def __init__(self, steps: list[Step], fork: int, norm: str, attention: str = "paper") -> None:
         super().__init__()
-        self.steps, self.fork, self.norm = steps, fork, norm
+        self.steps, self.fork, self.norm, self.attention = steps, fork, norm, attention
+        #: per second map after moved elements (by step index), the first map's feature each input feature
+        #: reads (found at build time, where ``recording``; buffers ``source_<step>_<term>``)
+        self.recording = False
         #: per step, every value it reads (args and kwargs, nested ones too)
         self.reads = [[r.index for r in _refs((step.args, step.kwargs))] for step in steps]
         last_read = {index: position for position, reads in enumerate(self.reads) for index in reads}
@@ -279,14 +381,24 @@ class ResidualBranch(torch.nn.Module):
 
     def diagonal(self, means: tuple) -> torch.Tensor:
         """diag(J_f) (rows, width) at the means; raises NotCarried where the forms cannot carry it."""
+        return _final_diagonal(self.form(means))
+
+    def form(self, means: tuple) -> Form:
+        """J_f at the means as one of the forms; raises NotCarried where they cannot carry it."""
         forms: dict[int, Form | NotCarried] = {self.fork: Diagonal(torch.ones_like(_rows(means[self.fork])), exact=True)}
         for step, reads, done in zip(self.steps, self.reads, self.done_after):
             if not step.held:
                 formed = [(i, forms[a.index]) for i, a in enumerate(step.args) if isinstance(a, Ref) and a.index in forms]
-                if len(formed) != len([index for index in reads if index in forms]):
+                kept = _cat_of_one(step, means) if step.target is aten.cat.default else None
+                if kept is not None and kept.index in forms:
+                    forms[step.index] = forms[kept.index]
+                elif len(formed) != len([index for index in reads if index in forms]):
                     forms[step.index] = NotCarried(f"{step.target} takes the branch inside a list or as a keyword")
                 elif formed:
-                    forms[step.index] = self._form(step, formed, means)
+                    if step.target is aten.scaled_dot_product_attention.default and self.attention == "paper":
+                        formed = [(i, form) for i, form in formed if i == 2]  # the rule reads only the values
+                    if formed:
+                        forms[step.index] = self._form(step, formed, means)
             for index in done:
                 forms.pop(index, None)
         last = forms.get(self.steps[-1].index)
@@ -294,7 +406,7 @@ class ResidualBranch(torch.nn.Module):
             raise NotCarried("a branch output held at its mean")
         if isinstance(last, NotCarried):
             raise last
-        return _final_diagonal(last)
+        return last
 
     def _form(self, step: Step, formed: list, means: tuple) -> Form | NotCarried:
         """The step's form, or the reason it has none (raised only if a later step needs it:
@@ -309,8 +421,74 @@ class ResidualBranch(torch.nn.Module):
         except NotCarried as reason:
             return reason
 
+    def recorded(self, evaluate):
+        """``evaluate`` run once at build time with element indices recorded (see Placed)."""
+        def run(values):
+            self.recording = True
+            try:
+                return evaluate(values)
+            finally:
+                self.recording = False
+
+        return run
+
+    def _sources(self, step: Step, recorded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The recorded sources of a second map (None while recording: ``recorded`` is filled, then kept)."""
+        if self.recording:
+            return None
+        return {key: getattr(self, f"source_{step.index}_{key}") for key in
+                [name[len(f"source_{step.index}_"):] for name, _ in self.named_buffers()
+                 if name.startswith(f"source_{step.index}_")]}
+
+    def _second_map(self, step: Step, form: Placed, m: torch.Tensor) -> Form:
+        recorded: dict[str, torch.Tensor] = {}
+        done = _through_placed(form, m, self._sources(step, recorded), recorded)
+        for key, source in recorded.items():
+            self.register_buffer(f"source_{step.index}_{key}", source)
+        return done
+
+    def _mixing(self, step: Step, args: tuple, kwargs: dict, formed: list) -> Form:
+        """Attention on the values' moved form: each token's weight on itself, diag(P), scales it."""
+        positions = [i for i, _ in formed]
+        form = formed[-1][1]
+        if step.target is aten.scaled_dot_product_attention.default:
+            if self.attention != "paper":
+                raise NotCarried("an attention branch under attention='linearised' (its queries and keys)")
+            if positions[-1] != 2 or any(i not in (0, 1, 2) for i in positions):
+                raise NotCarried("attention with an uncertain mask")
+            from .attention import attention_probabilities
+
+            q, k, v, mask = args[0], args[1], args[2], args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
+            scale = args[6] if len(args) > 6 else kwargs.get("scale")
+            repeat = q.shape[-3] // v.shape[-3]
+            k = k.repeat_interleave(repeat, dim=-3)
+            diagonal = attention_probabilities(q, k, mask, bool(causal), scale).diagonal(dim1=-2, dim2=-1)
+        else:  # P @ V with P held at its mean (eager attention under the paper's rule)
+            if positions != [1] or args[0].shape[-1] != args[0].shape[-2]:
+                raise NotCarried(f"{step.target} of two uncertain operands")
+            repeat, diagonal = 1, args[0].diagonal(dim1=-2, dim2=-1)
+        form = _placed(form, args[2] if positions[-1] == 2 else args[1], self.recording)
+        if form.mixed:
+            raise NotCarried("a branch that mixes tokens twice")
+        moved = _moved(form, lambda t: t.repeat_interleave(repeat, dim=-3) if repeat > 1 else t)
+        scaled = _scaled(moved, diagonal.unsqueeze(-1).to(moved.terms[next(iter(moved.terms))][0].dtype))
+        return Placed(scaled.terms, mixed=True)
+
     def _carry(self, step: Step, args: tuple, kwargs: dict, formed: list, out: torch.Tensor) -> Form:
         target = step.target
+        form = formed[0][1]
+        if target is operator.getitem and isinstance(form, Pieces):
+            return form.forms[args[1]]
+        if target in MOVES and formed[0][0] == 0 and isinstance(form, (Chain, Placed)) \
+                and (isinstance(form, Placed) or target not in PASS_THROUGH or out.shape[-1] != args[0].shape[-1]):
+            if target is aten.dropout.default and args[2]:
+                raise NotCarried("dropout in training mode")
+            move = aten.reshape.default if target in (aten.view.default, aten._unsafe_view.default) else target
+            return _moved(_placed(form, args[0], self.recording), lambda t: move(t, *args[1:], **kwargs))
+        if (target is aten.scaled_dot_product_attention.default or (target in TOKEN_MIXING and formed[0][0] == 1)) \
+                and isinstance(form, (Chain, Placed)) and len(formed) == 1:
+            return self._mixing(step, args, kwargs, formed)
         if target in PASS_THROUGH:
             if (target is aten.dropout.default and args[2]) or out.shape[-1] != args[0].shape[-1]:
                 raise NotCarried(f"{target} that changes the last dim or drops at random")
@@ -330,12 +508,13 @@ class ResidualBranch(torch.nn.Module):
         if target in LINEAR_MAPS:
             if [i for i, _ in formed] != [1 if target is aten.addmm.default else 0] or kwargs:
                 raise NotCarried(f"{target} of two uncertain operands")
-            if target is aten.linear.default:
-                return _through_map(formed[0][1], args[1], str(step.index))
-            weight = args[2] if target is aten.addmm.default else args[1]
+            weight = args[1] if target is aten.linear.default else (args[2] if target is aten.addmm.default else args[1])
             if weight.dim() != 2:
                 raise NotCarried(f"batched {target}")
-            return _through_map(formed[0][1], weight.t(), str(step.index))
+            weight = weight if target is aten.linear.default else weight.t()
+            if isinstance(formed[0][1], Placed):
+                return self._second_map(step, formed[0][1], weight)
+            return _through_map(formed[0][1], weight, str(step.index))
         if target is aten.layer_norm.default:
             if self.norm != "paper" or [i for i, _ in formed] != [0]:
                 raise NotCarried("layer_norm through its statistics")
@@ -353,6 +532,16 @@ class ResidualBranch(torch.nn.Module):
                 total = part if total is None else _sum(total, part)
             return total
         raise NotCarried(f"{target}, an op the forms do not carry")
+
+
+def _cat_of_one(step: Step, means: tuple) -> Ref | None:
+    """The one non-empty piece of a cat whose other pieces are empty (a key/value cache's first call),
+    which the cat passes on unchanged; None for any other cat."""
+    pieces = step.args[0]
+    if not isinstance(pieces, (list, tuple)) or not all(isinstance(p, Ref) for p in pieces):
+        return None
+    filled = [p for p in pieces if means[p.index].numel() > 0]
+    return filled[0] if len(filled) == 1 else None
 
 
 def _batch_norm_slope(target, args: tuple, kwargs: dict, formed: list[int]) -> torch.Tensor:
@@ -421,7 +610,8 @@ class ResidualJoin:
     sign: float
 
 
-def residual_joins(graph: torch.fx.Graph, held: set[torch.fx.Node], norm: str) -> dict[torch.fx.Node, ResidualJoin]:
+def residual_joins(graph: torch.fx.Graph, held: set[torch.fx.Node], norm: str,
+                   attention: str = "paper") -> dict[torch.fx.Node, ResidualJoin]:
     """Every add/sub of a tensor and a branch of it whose Jacobian diagonal the forms carry.
 
     Each candidate is evaluated once, on meta tensors of its example values'
@@ -436,7 +626,7 @@ def residual_joins(graph: torch.fx.Graph, held: set[torch.fx.Node], norm: str) -
         first, second = node.args[:2]
         for fork, out in ((first, second), (second, first)):
             nodes = _branch(fork, out)
-            join = None if nodes is None else _build(fork, nodes, held, norm, scale)
+            join = None if nodes is None else _build(fork, nodes, held, norm, scale, attention)
             if isinstance(join, ResidualJoin):
                 found[node] = join
                 break
@@ -481,7 +671,7 @@ def uncovered_joins(graph: torch.fx.Graph, uncertain: set[str], covered: set[str
             for fork, out in ((first, second), (second, first)):
                 nodes = _branch(fork, out)
                 if nodes is not None:
-                    built = _build(fork, nodes, held, options["norm"], 1.0)
+                    built = _build(fork, nodes, held, options["norm"], 1.0, options.get("attention", "paper"))
                     reason = built if isinstance(built, str) else "the fork carries no diagonal covariance"
                     break
         found[node] = reason
@@ -523,14 +713,27 @@ def _branch(fork: torch.fx.Node, out: torch.fx.Node) -> list[torch.fx.Node] | No
     return [n for n in out.graph.nodes if n in on_path]
 
 
-def _build(fork, nodes, held, norm, sign) -> ResidualJoin | str:
+def _build(fork, nodes, held, norm, sign, attention: str = "paper") -> ResidualJoin | str:
     """The join of ``fork`` and the branch ``nodes``, or why the branch cannot be carried."""
     if fork.meta.get("val") is None or nodes[-1].meta.get("val") is None:
         return "no example values"
     if tuple(fork.meta["val"].shape) != tuple(nodes[-1].meta["val"].shape):
         return "a branch whose output is not its input's shape"
-    index: dict[torch.fx.Node, int] = {fork: 0}
     inputs = [fork]
+    branch = _branch_module(fork, nodes, inputs, held, norm, attention)
+    if isinstance(branch, str):
+        return branch
+    problem = _carried(branch.recorded(branch.diagonal), inputs)
+    if problem is not None and any(node.target in MIXING for node in nodes):
+        problem = f"an attention branch with {problem}"
+    return ResidualJoin(fork, inputs, branch, sign) if problem is None else problem
+
+
+def _branch_module(fork: torch.fx.Node, nodes: list[torch.fx.Node], inputs: list[torch.fx.Node], held,
+                   norm: str, attention: str = "paper") -> ResidualBranch | str:
+    """The branch of ``nodes`` from ``fork`` (``inputs[0]``), its values referred to by their positions in
+    ``inputs``, which it extends (several branches can share one list); or why it cannot be one."""
+    index = {node: i for i, node in enumerate(inputs)}
 
     def ref(arg):
         if not isinstance(arg, torch.fx.Node):
@@ -546,21 +749,18 @@ def _build(fork, nodes, held, norm, sign) -> ResidualJoin | str:
             return f"a {node.op} node in the branch"
         args, kwargs = map_aggregate(node.args, ref), map_aggregate(dict(node.kwargs), ref)
         steps.append(Step(node.target, tuple(args), dict(kwargs), ref(node).index, node in held))
-    branch = ResidualBranch(steps, 0, norm)
-    problem = _carried(branch, inputs)
-    if problem is not None and any(node.target in MIXING for node in nodes):
-        problem = "an attention branch, which mixes tokens (the forms act per token)"
-    return ResidualJoin(fork, inputs, branch, sign) if problem is None else problem
+    return ResidualBranch(steps, index[fork], norm, attention)
 
 
-def _carried(branch: ResidualBranch, inputs: list[torch.fx.Node]) -> str | None:
-    """Why the branch's diagonal cannot be evaluated, or None: tried once on meta tensors of the nodes'
-    example shapes. Symbolic sizes are taken at their example values: evaluating under the graph's own
-    fake mode would guard on them and specialise a symbolic capture (the planner's batch and seq)."""
+def _carried(evaluate, inputs: list[torch.fx.Node]) -> str | None:
+    """Why ``evaluate`` (a branch's diagonal, a product's cross term) cannot be evaluated, or None: tried
+    once on meta tensors of the nodes' example shapes. Symbolic sizes are taken at their example values:
+    evaluating under the graph's own fake mode would guard on them and specialise a symbolic capture
+    (the planner's batch and seq)."""
     try:
         values = tuple(_example(n.meta.get("val")) for n in inputs)
         with torch.no_grad():
-            branch.diagonal(values)
+            evaluate(values)
     except NotCarried as reason:
         return str(reason)
     return None

@@ -13,7 +13,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import fxstream
 from fxstream.rules import mean_only_nodes
 from fxstream.rules.residual import residual_joins
-from harness import DTYPE, rand, randn
+from harness import DTYPE, node_values, rand, randn
 
 D, K = 4, 6
 
@@ -57,19 +57,6 @@ def _weights(branch):
     return [randn(*s) for s in shapes]
 
 
-def _values(graph_module: torch.fx.GraphModule, *args) -> dict:
-    """Every node's value on ``args``."""
-    values = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n):
-            values[n] = super().run_node(n)
-            return values[n]
-
-    Recorder(graph_module).run(*args)
-    return values
-
-
 def _held(norm, h):
     """``norm`` with its statistics held at their values for h (the paper's norm rule)."""
     if norm is layer_norm:
@@ -96,7 +83,7 @@ def test_branch_jacobian_diagonal_equals_jacrev(branch) -> None:
     output = next(iter(block.graph.find_nodes(op="output"))).args[0]
     join = joins.get(output)
     assert join is not None, "the residual join was not recognised"
-    values = _values(block, h, *weights)
+    values = node_values(block, h, *weights)
     got = join.branch.diagonal(tuple(values[n] for n in join.inputs)).reshape(h.shape)
     torch.testing.assert_close(got, _jacobian_diagonal(branch, h, weights))
 
@@ -188,7 +175,7 @@ def _join(block, h):
     output = next(iter(graph_module.graph.find_nodes(op="output"))).args[0]
     join = joins.get(output)
     assert join is not None, "the residual join was not recognised"
-    values = _values(graph_module, h)
+    values = node_values(graph_module, h)
     return join.branch.diagonal(tuple(values[n] for n in join.inputs)).reshape(h.shape)
 
 
@@ -261,7 +248,7 @@ def test_torchvision_basic_block_as_captured() -> None:
     joins = residual_joins(graph, mean_only_nodes(graph, {"norm": "paper"}), "paper")
     assert len(joins) == 1
     join = next(iter(joins.values()))
-    values = _values(captured.graph_module, *captured.example_inputs)
+    values = node_values(captured.graph_module, *captured.example_inputs)
     got = join.branch.diagonal(tuple(values[n] for n in join.inputs)).reshape(x.shape)
 
     def branch(h):
@@ -318,3 +305,67 @@ def test_linearised_conv_residual_equals_the_linearised_predictive() -> None:
     torch.testing.assert_close(got, expected)
     independent = fxstream.streamline(model, input_var=variance, backend="eager")(h).var
     assert not torch.allclose(independent, expected, rtol=1e-2)
+
+
+# Attention branches under the paper's rule: the value path, with the attention probabilities at the means.
+HEADS, KV_HEADS = 2, 1
+
+
+def attention_branch(h, wq, wk, wv, wo, sdpa=True, fused=False, cache=False):
+    """Layer norm, Q/K/V projections (fused: one projection split in three, as GPT-2's c_attn), heads,
+    attention (causal SDPA, or softmax(q k^T) @ v), heads merged, output projection; GQA where the keys
+    and values have fewer heads than the queries; ``cache``: keys and values appended to an empty
+    key/value cache first (a decoder's first call)."""
+    b, t, _ = h.shape
+    x = F.layer_norm(h, (D,))
+    if fused:
+        q, k, v = F.linear(x, torch.cat([wq, wk, wv])).split([wq.shape[0], wk.shape[0], wv.shape[0]], dim=-1)
+    else:
+        q, k, v = F.linear(x, wq), F.linear(x, wk), F.linear(x, wv)
+    q = q.view(b, t, HEADS, -1).transpose(1, 2)
+    k, v = (y.view(b, t, y.shape[-1] // (D // HEADS), -1).transpose(1, 2) for y in (k, v))
+    if cache:
+        k, v = (torch.cat([y.new_zeros(b, y.shape[1], 0, y.shape[-1]), y], dim=2) for y in (k, v))
+    if sdpa:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != HEADS)
+    else:
+        k, v = (y.repeat_interleave(HEADS // y.shape[1], dim=1) for y in (k, v))
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        out = torch.softmax((q @ k.transpose(-1, -2) / (D // HEADS) ** 0.5).masked_fill(~causal, -torch.inf), -1) @ v
+    return F.linear(out.transpose(1, 2).reshape(b, t, -1), wo)
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "sdpa_gqa", "eager", "fused", "cache"])
+def test_attention_branch_jacobian_diagonal_equals_jacrev(kind) -> None:
+    """diag(J_f) of h + attention(h) with P held at the mean (the paper's attention rule) equals jacrev's."""
+    from fxstream.rules.attention import attention_probabilities
+
+    h = 2 * randn(2, 3, D, seed=40)
+    kv = D // HEADS * (KV_HEADS if kind == "sdpa_gqa" else HEADS)
+    weights = [randn(D, D, seed=41), randn(kv, D, seed=42), randn(kv, D, seed=43), randn(D, D, seed=44)]
+    options = dict(sdpa=kind != "eager", fused=kind == "fused", cache=kind == "cache")
+    graph_module = make_fx(lambda h, *w: h + attention_branch(h, *w, **options), pre_dispatch=True)(h, *weights)
+    held = mean_only_nodes(graph_module.graph, {"norm": "paper", "attention": "paper"})
+    joins = residual_joins(graph_module.graph, held, "paper", "paper")
+    output = next(iter(graph_module.graph.find_nodes(op="output"))).args[0]
+    join = joins.get(output)
+    assert join is not None, "the attention join was not recognised"
+    values = node_values(graph_module, h, *weights)
+    got = join.branch.diagonal(tuple(values[n] for n in join.inputs)).reshape(h.shape)
+
+    x = F.layer_norm(h, (D,))
+    q = F.linear(x, weights[0]).view(2, 3, HEADS, -1).transpose(1, 2)
+    k = F.linear(x, weights[1]).view(2, 3, kv // (D // HEADS), -1).transpose(1, 2).repeat_interleave(
+        HEADS * (D // HEADS) // kv, dim=1)
+    p = attention_probabilities(q, k, None, True, None)
+    held_norm = _held(layer_norm, h)
+    expected = _jacrev_diagonal(lambda y: _oracle_branch(y, held_norm, weights, p), h)
+    torch.testing.assert_close(got, expected)
+
+
+def _oracle_branch(y, norm, weights, p):
+    """The value path of the attention branch with the norm's statistics and P held at the mean."""
+    b, t, _ = y.shape
+    v = F.linear(norm(y), weights[2]).view(b, t, weights[2].shape[0] // (D // HEADS), -1).transpose(1, 2)
+    out = p @ v.repeat_interleave(HEADS // v.shape[1], dim=1)
+    return F.linear(out.transpose(1, 2).reshape(b, t, -1), weights[3])
