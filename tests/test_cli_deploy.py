@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from types import SimpleNamespace
 import subprocess
 import sys
 import textwrap
@@ -129,13 +130,14 @@ def test_plan_json_flag(tiny: str, capsys) -> None:
 
 
 def test_demo_json_is_pure_json_on_stdout(monkeypatch, capsys) -> None:
-    rows = [demo.Row("MAP", 0.9, 0.3, 0.05, 1e-3), demo.Row("fxstream (eager, probit)", 0.9, 0.25, 0.02, 2e-3, 1.5)]
+    rows = [demo.Row("MAP", 0.9, 0.3, 0.05, 0.9, 0.2, 0.8, 1e-3),
+            demo.Row("fxstream (eager, probit)", 0.9, 0.25, 0.02, 0.7, 0.1, 0.85, 2e-3, 1.5)]
     seen = {}
 
     def evaluate(seed, epochs, backend, repeats, device="cpu", log=print):
         seen.update(device=device)
         log("a note between the steps")
-        return rows
+        return rows, SimpleNamespace(prior_precision=1.0, at_edge=False)
 
     monkeypatch.setattr(demo, "evaluate", evaluate)
     assert cli.main(["demo", "--json", "--epochs", "2"]) == 0
