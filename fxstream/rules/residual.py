@@ -61,6 +61,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch.fx.node import map_aggregate
 
+from .attention import attention_probabilities
 from .linearise import derivative
 from .norm import layer_statistics
 from .patterns import SOFTMAX, TRANSPARENT
@@ -456,8 +457,6 @@ class ResidualBranch(torch.nn.Module):
                 raise NotCarried("an attention branch under attention='linearised' (its queries and keys)")
             if positions[-1] != 2 or any(i not in (0, 1, 2) for i in positions):
                 raise NotCarried("attention with an uncertain mask")
-            from .attention import attention_probabilities
-
             q, k, v, mask = args[0], args[1], args[2], args[3] if len(args) > 3 else kwargs.get("attn_mask")
             causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
             scale = args[6] if len(args) > 6 else kwargs.get("scale")
