@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import types
+
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -63,10 +66,11 @@ class StreamlinedModel(torch.nn.Module):
             (hidden states, key/value caches) get no covariance work at all."""
             return select(model(*args, **kwargs))
 
-        # Every StreamlinedModel compiles the same code object: isolated recompiles give each
-        # instance its own cache entries and limit. Symbolic sizes from the first call on.
-        self._compiled = torch.compile(selected_output, backend=backend, fullgraph=True, dynamic=True,
-                                       isolate_recompiles=True, recompile_limit=self.MAX_GRAPHS)
+        # Dynamo keeps its cache and its recompile limit per code object, so each StreamlinedModel gets a
+        # code object of its own (else every instance in a process would share one limit: a test suite
+        # or a tuning loop would run out of it). Symbolic sizes from the first call on.
+        self._compiled = torch.compile(_own_code(selected_output), backend=backend, fullgraph=True, dynamic=True,
+                                       recompile_limit=self.MAX_GRAPHS)
         self._hooks_aside = _BackwardHooksAside(model)
 
     def forward(self, *args: Any, **kwargs: Any) -> Predictive:
@@ -144,6 +148,15 @@ class StreamlinedModel(torch.nn.Module):
             for buffer, tensor in copies:
                 buffer.copy_(tensor)
         self.posterior = posterior
+
+
+_INSTANCES = itertools.count()
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own (same body, closure and globals)."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{next(_INSTANCES)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 def select_output(out: Any, output: str | int | None = None) -> torch.Tensor:

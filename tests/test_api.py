@@ -352,3 +352,15 @@ def test_planning_takes_a_batch_of_one_and_rejects_an_empty_one() -> None:
     assert streamlined.plan.sizes == {"batch": 1}
     with pytest.raises(fxstream.CaptureError, match="empty in dim 0"):
         fxstream.streamline(linear(), some_posterior(), budget="1MiB", example_inputs=torch.randn(0, 4))
+
+
+def test_more_streamlined_models_than_one_models_graph_limit_each_compile_their_own() -> None:
+    """Dynamo keeps its recompile limit per code object: each StreamlinedModel has its own, so a process can
+    make many (a tuning loop, a test suite) without the 65th failing."""
+    for _ in range(fxstream.StreamlinedModel.MAX_GRAPHS + 2):
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).eval()
+        posterior = fxstream.Diagonal({n: torch.full_like(p, 1e-3) for n, p in model.named_parameters()})
+        streamlined = fxstream.streamline(model, posterior, backend="eager")
+        x = torch.randn(5, 3)
+        torch.testing.assert_close(streamlined(x).mean, model(x))
+        assert len(streamlined.graphs) == 1
