@@ -57,16 +57,9 @@ def _case(name: str):
     return model.eval(), _variances(model), inputs, structure
 
 
-# Models whose lowered graph keeps batch (and image or sequence) sizes symbolic. The others are known gaps: a
-# rule differentiates by forward-mode AD through an op whose PyTorch JVP or batching rule reads concrete sizes
-# (a convolution under full activations; a step of GPT-2's hand-written GELU region), which adds a guard on
-# the size to Dynamo's shape environment, so those graphs are captured per shape (correct, not dynamic).
-ONE_GRAPH = ("mlp", "mlp-full", "cnn", "llama")
-
-
 @pytest.mark.parametrize("name", ["mlp", "mlp-full", "cnn", "cnn-full", "gpt2", "llama"])
 def test_lowered_graph_equals_the_rule_graph_at_every_shape(name: str) -> None:
-    """The lowered graph equals the rule graph at each of three shapes, from one capture where ONE_GRAPH says."""
+    """The lowered graph equals the rule graph at each of three shapes, all from one capture."""
     model, posterior, inputs, structure = _case(name)
     streamlined = fxstream.streamline(model, posterior, activation_cov=structure, backend="eager")
     for x in inputs:
@@ -81,8 +74,7 @@ def test_lowered_graph_equals_the_rule_graph_at_every_shape(name: str) -> None:
         torch.testing.assert_close(lowered.mean, rule_graph[0], rtol=1e-12, atol=0)
         torch.testing.assert_close(lowered.cov if structure == "full" else lowered.var,
                                    rule_graph[graph.paired.num_outputs], rtol=1e-10, atol=1e-300)
-    if name in ONE_GRAPH:
-        assert len(streamlined.graphs) == 1, "a new shape compiled a new graph"
+    assert len(streamlined.graphs) == 1, "a new shape compiled a new graph"
 
 
 def test_a_posterior_updated_in_place_is_what_the_lowered_graph_reads() -> None:

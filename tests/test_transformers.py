@@ -325,14 +325,19 @@ def test_large_vocabulary_needs_nothing_vocab_squared():
     streamlined = fxstream.streamline(model, posterior, backend="eager")
     predictive = streamlined(x)
     assert predictive.var.shape == (2, 8, vocab)
-    graph = streamlined.graphs[0]
+    (graph,) = streamlined.graphs
     largest = LargestTensor(graph.paired.graph_module)
-    largest.run(*graph.captured.example_inputs)
+    largest.run(*concrete(graph.captured.example_inputs))
     logits, table = 2 * 8 * vocab, vocab * 32
     assert largest.numel <= 2 * max(logits, table), f"largest tensor has {largest.numel} elements"
     kappa = 1 / (1 + torch.pi / 8 * predictive.var).sqrt()  # probit over 50257 classes, by its closed form
     torch.testing.assert_close(predictive.probs("probit"), torch.softmax(predictive.mean * kappa, -1),
                                rtol=1e-12, atol=1e-15)
+
+
+def concrete(example_inputs: list) -> list:
+    """A capture's example inputs with each symbolic size replaced by the size it was captured at."""
+    return [a.node.hint if isinstance(a, torch.SymInt) else a for a in example_inputs]
 
 
 class LargestTensor(torch.fx.Interpreter):
@@ -412,7 +417,7 @@ def narrowing(model, x, posterior, attention: str, monkeypatch) -> tuple:
         var = streamlined(x).var
         graph = streamlined.graphs[-1]
         # The ATen graph a call runs, with the concrete sizes of this call for its symbolic ones.
-        inputs = [a.node.hint if isinstance(a, torch.SymInt) else a for a in graph.captured.example_inputs]
+        inputs = concrete(graph.captured.example_inputs)
         with FlopCounterMode(display=False) as counter:
             graph.lowered(*inputs)
         return var, counter.get_total_flops(), graph.report.narrowed

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .linear import bias_full, parameter
-from .linearise import sandwich
+from .linearise import linear_sandwich
 from .registry import RuleCall, register
 from .weights import (
     PARAM_KINDS,
@@ -89,7 +89,7 @@ def _conv_full(call: RuleCall, x, vx, w, weight, bias, geometry) -> torch.Tensor
     n = c_out * positions
     total = torch.zeros(batch, n, n, dtype=out.dtype, device=out.device)
     if vx is not None:
-        total = total + sandwich(lambda h: call.op(h, w, None, *geometry), x, vx)
+        total = total + linear_sandwich(lambda h: call.op(h, w, None, *geometry), vx, x.shape[1:])
     if weight is not None:
         total = total + _weight_full(call, x, vx if call.second_order else None, weight, geometry, batch, positions)
     cov_b = None if bias is None else bias_covariance(*bias)
@@ -106,7 +106,7 @@ def _weight_full(call: RuleCall, x, vx, weight, geometry, batch: int, positions:
     j = u.shape[1]
     s = None
     if vx is not None:
-        s = sandwich(lambda h: _patches(call, h, geometry), x, vx)
+        s = linear_sandwich(lambda h: _patches(call, h, geometry), vx, x.shape[1:])
         s = s.reshape(batch, j, positions, j, positions).permute(0, 2, 1, 4, 3)
     rows = weight_full(kind, _ungrouped(kind, tensors, geometry[3]), u.transpose(1, 2), s)
     c_out = rows.shape[2]

@@ -43,6 +43,20 @@ def sandwich(fn: TensorFn, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tenso
     return both.reshape(n_out, batch, n_out).permute(1, 2, 0)
 
 
+def linear_sandwich(fn: TensorFn, cov: torch.Tensor, sample_shape: torch.Size) -> torch.Tensor:
+    """J S J^T per sample for a linear ``fn`` that maps each sample of a batch on its own (a convolution).
+
+    The covariance's columns are folded into the batch and ``fn`` runs on them
+    directly: no forward-mode AD, whose batching rule for a convolution reads
+    concrete sizes (that would fix the batch size of a lowered graph).
+    """
+    batch, n = cov.shape[0], cov.shape[-1]
+    left = fn(cov.transpose(1, 2).reshape(batch * n, *sample_shape)).reshape(batch, n, -1)  # [b, c] = J S_b[:, c]
+    m = left.shape[-1]
+    both = fn(left.transpose(1, 2).reshape(batch * m, *sample_shape)).reshape(batch, m, m)
+    return both.transpose(1, 2)
+
+
 def parameter_factor(fn: TensorFn, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
     """Square-root factor (P, *out) of J diag(variance) J^T for a parameter with diagonal variance."""
     p = variance.numel()

@@ -28,6 +28,13 @@ ARITHMETIC = (
     aten.neg.default, aten.reciprocal.default,
 )
 ELEMENTWISE_OPS = frozenset(ELEMENTWISE + ARITHMETIC)
+#: Overloads taking a Python number as their second operand. PyTorch's forward-mode derivative of the
+#: Tensor overload with a number reads the concrete sizes of its operand, which would fix every symbolic
+#: size of a lowered graph; the Scalar overload does not.
+_WITH_NUMBER = {
+    aten.add.Tensor: aten.add.Scalar, aten.sub.Tensor: aten.sub.Scalar,
+    aten.mul.Tensor: aten.mul.Scalar, aten.div.Tensor: aten.div.Scalar,
+}
 
 
 @dataclass
@@ -42,7 +49,9 @@ class Region:
         graph = torch.fx.Graph()
         env = {self.source: graph.placeholder("x")}
         for node in self.nodes:
-            env[node] = graph.node_copy(node, lambda n: env[n])
+            copy = env[node] = graph.node_copy(node, lambda n: env[n])
+            if copy.target in _WITH_NUMBER and len(copy.args) > 1 and isinstance(copy.args[1], (int, float)):
+                copy.target = _WITH_NUMBER[copy.target]
         graph.output(env[self.nodes[-1]])
         return torch.fx.GraphModule(torch.nn.Module(), graph, class_name="ElementwiseRegion")
 
