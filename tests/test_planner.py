@@ -9,6 +9,7 @@ import fxstream
 from fxstream.planner import BudgetError, LiveBytes, Planner, choose, cost_report, measure_peak, parse_bytes
 from fxstream.planner.cost import profile
 from fxstream.planner.measure import profiler_peak
+from fxstream.planner.plan import _fidelity
 from fxstream.planner.symbolic import capture_symbolic
 
 
@@ -80,7 +81,8 @@ def test_node_byte_formulas_equal_real_tensor_sizes(mlp_planner: Planner, struct
 def test_flop_formula_equals_counted_flops_off_the_grid(mlp_planner: Planner, structure: str) -> None:
     layers = mlp_planner.richest(structure)
     report = mlp_planner.report(layers, structure)
-    counted = profile(mlp_planner.sym, mlp_planner.paired(layers, structure), {"batch": 23}).flops
+    paired = mlp_planner.paired(layers, structure)
+    counted = profile(mlp_planner.sym, paired, {"batch": 23}, [n.name for n in paired.graph_module.graph.nodes]).flops
     assert report.evaluate(report.flops, {"batch": 23}) == sum(counted.values()) > 0
 
 
@@ -209,6 +211,29 @@ def test_every_plan_fits_its_budget_and_more_budget_never_lowers_fidelity(mlp_pl
     assert fidelities[-1] == pytest.approx(1.0, abs=1e-6)  # an unlimited budget reproduces the reference
 
 
+def test_the_chain_runs_one_plan_per_step_and_every_fidelity_it_quotes_is_measured() -> None:
+    """Candidates are ranked by estimate (the current variance plus each layer's own); only steps are run."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, 8) if i % 2 == 0 else torch.nn.Tanh() for i in range(11)]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(8, 3)).eval()
+    planner = Planner(model, (torch.randn(4, 8),), _posterior(model), {(0, 0): "batch"}, structures=("diag",))
+    runs = []
+    planner._run = lambda choice, structure, run=planner._run: runs.append(choice) or run(choice, structure)
+    steps = planner.chain("diag", {"batch": 16})
+    assert len(steps) == len(planner.layers) == 7
+    assert len(runs) <= len(steps)  # each step at most once (some were run in calibration); 28 candidates
+    fidelities = [fidelity for _, fidelity, _ in steps]
+    assert fidelities == sorted(set(fidelities))
+    for choice, fidelity, _ in steps:
+        assert fidelity == _fidelity(planner.paired(choice, "diag").graph_module(*planner_inputs(planner))[1]
+                                     .reshape(-1), planner.reference_var)
+
+
+def planner_inputs(planner: Planner) -> list:
+    """The calibration batch, as the planner's graphs take it."""
+    return planner.sym.graph_inputs(planner.sym.example_sizes, lambda p, shape: planner._example(p))
+
+
 def test_infeasible_budget_reports_minimum_and_largest_batch(mlp_planner: Planner) -> None:
     with pytest.raises(BudgetError, match=r"needs .* \((\d+) bytes\); at this budget the largest batch") as info:
         choose(mlp_planner, 30_000, {"batch": 256})
@@ -288,8 +313,6 @@ def test_sequence_limit_is_capped_by_the_models_position_table() -> None:
 
 def test_fidelity_sees_a_layer_with_a_tiny_share_of_the_reference() -> None:
     """fidelity = 1 - mean relative variance error; a 1e-12 share must not round to no gain at all."""
-    from fxstream.planner.plan import _fidelity
-
     reference = torch.tensor([4.0, 2.0, 1.0, 0.0])
     estimate = torch.tensor([3.0, 3.0, 1.0, 5.0])
     assert _fidelity(estimate, reference) == pytest.approx(1 - (0.25 + 0.5 + 0.0) / 3)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.node import map_aggregate
 
 from ..errors import CaptureError, FxstreamError
@@ -335,7 +336,9 @@ class Pairing:
             cov_kinds.append(self.kind[node])
         means_out = [self.mean[n] if isinstance(n, torch.fx.Node) else n for n in flat_outputs]
         self.graph.output(tuple(means_out) + tuple(self.cov[flat_outputs[i]] for i in cov_outputs))
-        gm = torch.fx.GraphModule(self.root, self.graph, class_name="StreamlinedGraph")
+        # Lazy: Python code is generated on the first call, not on every recompile. Prune edits the graph
+        # and the planner costs many rewrites it never runs; generating their code took a third of its time.
+        gm = _LazyGraphModule(self.root, self.graph, class_name="StreamlinedGraph")
         return PairedGraph(gm, len(flat_outputs), cov_outputs, cov_kinds, self.structure)
 
     def batch_for(self, out_structure: str) -> torch.fx.Node | None:

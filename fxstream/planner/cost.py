@@ -35,7 +35,7 @@ import bisect
 import itertools
 import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from fractions import Fraction
 from dataclasses import dataclass, field
 
@@ -306,12 +306,15 @@ NODE_MARK = "fxstream-node:"
 class _Profile(torch.fx.Interpreter):
     """Runs a graph, recording per node its FLOPs and the peak bytes the allocator gives it."""
 
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, watched: Collection[str]) -> None:
         super().__init__(gm)
+        self.watched = watched
         self.flops: dict[str, int] = {}
         self.points: dict[str, list[int]] = {}
 
     def run_node(self, n: torch.fx.Node):
+        if n.name not in self.watched:
+            return super().run_node(n)
         with FlopCounterMode(display=False) as counter, torch.profiler.record_function(NODE_MARK + n.name):
             result = super().run_node(n)
         self.flops[n.name] = counter.get_total_flops()
@@ -349,8 +352,8 @@ def allocator_events(prof: torch.profiler.profile) -> tuple[list[tuple[int, int]
     return memory, ranges
 
 
-def profile(sym: SymbolicCapture, paired: PairedGraph, sizes: Sizes) -> _Profile:
-    """FLOPs and in-node peak bytes of every node at concrete (small, grid) sizes.
+def profile(sym: SymbolicCapture, paired: PairedGraph, sizes: Sizes, watched: Collection[str]) -> _Profile:
+    """FLOPs and in-node peak bytes of the ``watched`` nodes at concrete (small, grid) sizes.
 
     Runs on real tensors under torch.profiler with memory events, each node in
     its own ``record_function`` range, after one call outside the profiler, so
@@ -366,7 +369,7 @@ def profile(sym: SymbolicCapture, paired: PairedGraph, sizes: Sizes) -> _Profile
         paired.graph_module(*inputs)  # once untimed: libraries allocate their workspaces on first use
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.no_grad(), torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-        prop = _Profile(paired.graph_module)
+        prop = _Profile(paired.graph_module, watched)
         prop.run(*inputs)
     prop.read_allocations(prof)
     return prop
@@ -455,11 +458,13 @@ class Interpolator:
         """
         nodes = {n.name: n for n in paired.graph_module.graph.nodes}
         keys = {c.name: _node_key(nodes[c.name]) for c in costs if c.name in nodes}
-        missing = any(k not in self.cache for k in keys.values())
+        unseen = {name for name, key in keys.items() if key not in self.cache}
+        missing = bool(unseen)
         if missing and exact:
-            runs = [profile(self.sym, paired, point) for point in self.grid]
-            for name, key in keys.items():
-                if key in self.cache:
+            runs = [profile(self.sym, paired, point, unseen) for point in self.grid]
+            for name in unseen:
+                key = keys[name]
+                if key in self.cache:  # two nodes of one key: the first fitted
                     continue
                 flops = self.fit([run.flops.get(name, 0) for run in runs])
                 series = [run.points.get(name, []) for run in runs]

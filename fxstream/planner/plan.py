@@ -6,25 +6,27 @@ exact marginal variances), or the posterior's own richer structure where it
 has one ("kfac", "kfac_eig", "dense", "lowrank", ...); and the whole graph one
 activation covariance ("diag" or "full").
 
-Fidelity is measured on a calibration batch (the example input): every
-candidate plan the search looks at is run (eager, at the example's sizes) and
-its output variance compared with that of the richest affordable reference:
+Fidelity is measured on a calibration batch (the example input): every plan
+the search takes is run (eager, at the example's sizes) and its output
+variance compared with that of the richest affordable reference:
 every layer in its richest structure, "full" activations when that fits ``reference_budget``,
 else "diag". The measure is one minus the mean relative variance error,
 
     fidelity = 1 - mean_i |v_plan,i - v_ref,i| / v_ref,i      (clipped to [0, 1]),
 
 over the output elements with v_ref > 0: 1 reproduces the reference, 0 is a
-deterministic network. Results are cached per (choice, structure). Per-layer
-variances do not simply add up (a layer's input variance multiplies the next
-layer's weight variance), which is why every candidate is run.
+deterministic network. Results are cached per (choice, structure).
 
 Search: for each activation structure a greedy chain starts from no Bayesian
 layer and repeatedly takes the upgrade (a layer turned on, or moved to a
 richer weight structure) with the best fidelity gain per byte of total memory
-at the requested sizes, while the gain is positive. Candidates
-are ranked with the workspaces already profiled (unseen ones estimated by
-their output bytes); every step taken is then costed exactly. A budget takes
+at the requested sizes, while the gain is positive. Candidates are ranked by
+estimates: the gain from the current plan's variance plus the layer's own
+(measured alone during calibration; variances add to first order, the
+product of two layers' variances is what they miss), the bytes with the
+workspaces already profiled (unseen ones estimated by their output bytes).
+The step taken is then run and costed exactly, and kept only if its measured
+fidelity rises. A budget takes
 the longest prefix of a chain that fits, and the structure whose prefix has
 the higher fidelity. The chain does not depend on the budget, so a larger
 budget never gets a lower fidelity.
@@ -356,9 +358,17 @@ class Planner:
         """Greedy upgrade chain: (choice, fidelity, total bytes) from one layer up to all useful upgrades.
 
         An upgrade turns a layer on, or moves it to a richer weight structure.
+        Candidates are ranked by an estimate: the measured output variance of
+        the current choice plus the upgrade's own contribution, measured alone
+        during calibration (exact to first order, where each layer's variance
+        adds). Only the chosen upgrade is run, and it is kept only when its
+        measured fidelity rises, so the chain's fidelities are all measured
+        and increasing: one run per step instead of one per candidate.
         """
         current: dict[str, str] = {}
         fidelity, total = 0.0, 0
+        variance = torch.zeros_like(self.reference_var)
+        refused: set[tuple[str, str]] = set()
         steps = []
         bar = tqdm(desc=f"plan {structure}", leave=False, disable=not self.progress)
         while True:
@@ -366,26 +376,37 @@ class Planner:
             for layer, ladder in self.ladders.items():
                 start = ladder.index(current[layer]) + 1 if layer in current else 0
                 for weight in ladder[start:]:
-                    if (layer, weight, structure) not in self.supported:
+                    if (layer, weight, structure) not in self.supported or (layer, weight) in refused:
                         continue
-                    choice = frozenset({**current, layer: weight}.items())
-                    gain = self.fidelity(choice, structure) - fidelity
+                    estimate = variance + self._alone(layer, weight, structure)
+                    if layer in current:
+                        estimate = estimate - self._alone(layer, current[layer], structure)
+                    gain = _fidelity(estimate, self.reference_var) - fidelity
                     if gain <= 0:
                         continue
+                    choice = frozenset({**current, layer: weight}.items())
                     cost = self.report(choice, structure, exact=False).total_at(sizes)
                     score = gain / max(cost - total, 1)
                     if best is None or score > best[0]:
-                        best = (score, layer, weight, fidelity + gain)
+                        best = (score, layer, weight, choice)
             if best is None:
                 break
-            _, layer, weight, fidelity = best
+            _, layer, weight, choice = best
+            measured = self.fidelity(choice, structure)
+            if measured <= fidelity:
+                refused.add((layer, weight))
+                continue
             current[layer] = weight
-            choice = frozenset(current.items())
+            fidelity, variance = measured, self.output_variance(choice, structure)
             total = self.report(choice, structure).total_at(sizes)
             steps.append((choice, fidelity, total))
             bar.update(1)
         bar.close()
         return steps
+
+    def _alone(self, layer: str, weight: str, structure: str) -> torch.Tensor:
+        """The output variance with only ``layer`` Bayesian, in structure ``weight``."""
+        return self.output_variance(frozenset({(layer, weight)}), structure)
 
 
 def _fidelity(estimate: torch.Tensor, reference: torch.Tensor) -> float:
