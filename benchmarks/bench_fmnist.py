@@ -45,6 +45,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,7 @@ from torch import nn
 
 import fxstream
 from fxstream import metrics
+from fxstream.posterior import layer_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_posteriors import cnn, mlp, train  # noqa: E402
@@ -146,13 +148,17 @@ def run_model(name: str, args: argparse.Namespace, train_set, val_set, split: Sp
                                       backend=args.backend)
     val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*val_set), batch_size=args.chunk)
     start = time.perf_counter()
-    tuned = fxstream.tune(streamlined, val_loader, progress=not args.quiet)
+    grid = torch.logspace(*args.prior_grid, 20, dtype=torch.float64) if args.prior_grid else None
+    tuned = fxstream.tune(streamlined, val_loader, prior_precision=grid, per_layer=args.per_layer,
+                          progress=not args.quiet)
     tune_seconds = time.perf_counter() - start
-    la.prior_precision = float(tuned.prior_precision)  # GLM and MC-100 sample the same, tuned posterior
+    la.prior_precision = laplace_prior(fitted, tuned.prior_precision)  # GLM and MC-100: the same, tuned posterior
     edge = f" (AT THE EDGE of its grid: {', '.join(tuned.at_edge)})" if tuned.at_edge else ""
-    result.notes.append(f"prior precision {tuned.prior_precision:.4g} tuned by fxstream.tune on {len(val_set[0])} "
-                        f"validation images, {tuned.passes} streamlined passes and the first call's capture, "
-                        f"{tune_seconds:.1f}s{edge}")
+    searched = "grid 10^{:g} .. 10^{:g}".format(*(args.prior_grid or (-4, 4))) + (", then per layer" if
+                                                                                  args.per_layer else "")
+    result.notes.append(f"prior precision {_show(tuned.prior_precision)} ({searched}) tuned by fxstream.tune on "
+                        f"{len(val_set[0])} validation images, {tuned.passes} streamlined passes and the first call's "
+                        f"capture, {tune_seconds:.1f}s{edge}")
 
     methods = predictors(model, la, streamlined, args.chunk, args.seed)
     sets = {"test": split.x_test, **{f"rotated {angle:g}": x for angle, (x, _) in split.shifted.items()},
@@ -170,6 +176,20 @@ def run_model(name: str, args: argparse.Namespace, train_set, val_set, split: Sp
                                     args.clock, warmup=1)
     torch.set_num_threads(threads)
     return result
+
+
+def laplace_prior(model: nn.Module, chosen) -> float | torch.Tensor:
+    """laplace-torch's prior precision for fxstream.tune's choice: a number, or one entry per parameter
+    tensor (laplace-torch's per-layer form) from a per-layer choice keyed by module path."""
+    if not isinstance(chosen, Mapping):
+        return float(chosen)
+    return torch.tensor([float(chosen[layer_of(name)]) for name, _ in model.named_parameters()])
+
+
+def _show(chosen) -> str:
+    if not isinstance(chosen, Mapping):
+        return f"{chosen:.4g}"
+    return "per layer {" + ", ".join(f"{layer}: {value:.3g}" for layer, value in chosen.items()) + "}"
 
 
 def log(text: str) -> None:
@@ -277,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads while timing")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="cpu", help=CLOCK_HELP)
+    parser.add_argument("--prior-grid", type=float, nargs=2, metavar=("LOG10_LOW", "LOG10_HIGH"),
+                        help="tune the prior precision over 20 values from 10^LOW to 10^HIGH (default -4 4)")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="after the global search, tune each layer's prior precision in turn")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--out", type=Path, help="write the markdown page here")
