@@ -67,9 +67,6 @@ class StreamlineOptions:
         if self.rule_options.get("joins") == "exact" and self.activation_cov != "full":
             raise FxstreamError("joins='exact' carries cross-covariances between activations, which needs "
                                 "activation_cov='full'; for diagonal activations use residual='linearised'")
-        if self.rule_options.get("joins") == "exact" and self.backend != "eager":
-            raise FxstreamError("joins='exact' runs on the eager backend only (its cross-covariance rules are "
-                                "not lowered to ATen yet): pass backend='eager'")
         if self.likelihood not in (None, "classification", "regression"):
             raise FxstreamError(
                 f"likelihood must be 'classification', 'regression' or None, got '{self.likelihood}'"

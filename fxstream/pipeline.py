@@ -22,7 +22,6 @@ import torch
 from .errors import FxstreamError, FxstreamWarning, PassError, PosteriorMismatchError
 from .passes import CapturedGraph, PairedGraph, PruneReport, Source, lower_to_aten, pair, prune
 from .passes.decompose import decompose
-from .passes.joins import ROLE
 from .passes.lower import is_plain_aten
 from .passes.pair import ROLE
 from .rules.registry import covariance_dtype
@@ -52,14 +51,7 @@ def rewrite(captured: CapturedGraph, options: StreamlineOptions, structure: str 
 
 
 def lower(paired: PairedGraph) -> torch.fx.GraphModule:
-    """lower on a pruned graph: the same placeholders and outputs, computed by ATen ops alone.
-
-    A graph with exact joins (option joins="exact") is kept as it is: tracing its cross-covariance
-    rules' nested forward-mode derivatives trips an internal assertion of PyTorch's functionalization
-    (GPT-2), so it runs as the rule graph, eagerly, one capture per shape.
-    """
-    if any(node.meta.get(ROLE, {}).get("rule") == "exact_join" for node in paired.graph_module.graph.nodes):
-        return paired.graph_module
+    """lower on a pruned graph: the same placeholders and outputs, computed by ATen ops alone."""
     return _run("lower", lambda: lower_to_aten(paired.graph_module), requires=lambda: _pruned(paired),
                 ensures=lambda lowered: _plain_aten(lowered, paired))
 

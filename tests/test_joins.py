@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 import fxstream
+from fxstream.passes.lower import is_plain_aten
 
 DTYPE = torch.float64
 FIRST_ORDER = dict(activation_cov="full", products="linearised", norm="linearised", attention="linearised")
@@ -141,8 +142,13 @@ def test_exact_joins_equal_glm_on_transformers(name: str) -> None:
     var = {n: v for n, v in variances(model).items() if "wte" not in n and "embed_tokens" not in n
            and "lm_head" not in n}  # the embedding is tied to the head in GPT-2: a parameter read twice
     expected = parameter_oracle(model, var, x, output=lambda out: out.logits)
-    pred = fxstream.streamline(model, fxstream.Diagonal(var), backend="eager", joins="exact", **FIRST_ORDER)(x)
+    streamlined = fxstream.streamline(model, fxstream.Diagonal(var), backend="eager", joins="exact", **FIRST_ORDER)
+    pred = streamlined(x)
     assert relative_error(pred.cov, expected) < (1e-12 if name == "gpt2" else 1e-6)
+    (graph,) = streamlined.graphs  # what ran is the graph lowered to ATen: no rule code, no forward-mode AD
+    assert all(is_plain_aten(node) for node in graph.lowered.graph.nodes)
+    rules = {node.meta.get("fxstream", {}).get("rule") for node in graph.paired.graph_module.graph.nodes}
+    assert "exact_join" in rules
 
 
 def test_exact_joins_equal_laplace_torch_glm_on_a_residual_network() -> None:
@@ -163,12 +169,10 @@ def test_exact_joins_equal_laplace_torch_glm_on_a_residual_network() -> None:
     assert relative_error(pred.cov, f_var) < 1e-10
 
 
-def test_exact_joins_need_full_activations_and_the_eager_backend() -> None:
+def test_exact_joins_need_full_activations() -> None:
     model = ResidualMLP().to(DTYPE).eval()
     with pytest.raises(fxstream.FxstreamError, match="activation_cov='full'"):
         fxstream.streamline(model, fxstream.Diagonal(variances(model)), backend="eager", joins="exact")
-    with pytest.raises(fxstream.FxstreamError, match="backend='eager'"):
-        fxstream.streamline(model, fxstream.Diagonal(variances(model)), activation_cov="full", joins="exact")
 
 
 def test_planner_costs_the_cross_covariances() -> None:

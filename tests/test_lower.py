@@ -48,6 +48,11 @@ def _case(name: str):
         model.body[1].running_mean.uniform_(-0.5, 0.5)
         model.body[1].running_var.uniform_(0.5, 2.0)
         inputs = [torch.randn(b, 1, h, h, dtype=torch.float64) for b, h in ((2, 6), (3, 7), (5, 5))]
+    elif name == "gpt2-full":  # every block parameter, layer norms too: a Jacobian in the norm's weight
+        model, _ = transformers_tests.tiny("gpt2", layers=1)
+        variances = {n: torch.full_like(p, 1e-4) for n, p in model.named_parameters() if ".h.0." in n}
+        inputs = [torch.randint(0, 97, shape) for shape in ((2, 3), (3, 2), (2, 4))]
+        return model.eval(), fxstream.Diagonal(variances), inputs, "full"
     else:
         model, _ = transformers_tests.tiny(name, layers=1)
         variances = transformers_tests.weight_variances(model, 0.05, with_query_key=True)
@@ -57,9 +62,14 @@ def _case(name: str):
     return model.eval(), _variances(model), inputs, structure
 
 
-@pytest.mark.parametrize("name", ["mlp", "mlp-full", "cnn", "cnn-full", "gpt2", "llama"])
+# A known gap: a Jacobian in a parameter under full activations (here the layer norms' gamma and beta) is
+# taken by a vmapped JVP, whose batching rules read concrete sizes, so each shape is captured anew.
+PER_SHAPE = ("gpt2-full",)
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp-full", "cnn", "cnn-full", "gpt2", "gpt2-full", "llama"])
 def test_lowered_graph_equals_the_rule_graph_at_every_shape(name: str) -> None:
-    """The lowered graph equals the rule graph at each of three shapes, all from one capture."""
+    """The lowered graph equals the rule graph at each of three shapes, all from one capture (PER_SHAPE: one each)."""
     model, posterior, inputs, structure = _case(name)
     streamlined = fxstream.streamline(model, posterior, activation_cov=structure, backend="eager")
     for x in inputs:
@@ -72,9 +82,10 @@ def test_lowered_graph_equals_the_rule_graph_at_every_shape(name: str) -> None:
         rule_graph = graph.paired.graph_module(*args[0])
         assert lowered.mean.shape[0] == x.shape[0]
         torch.testing.assert_close(lowered.mean, rule_graph[0], rtol=1e-12, atol=0)
-        torch.testing.assert_close(lowered.cov if structure == "full" else lowered.var,
-                                   rule_graph[graph.paired.num_outputs], rtol=1e-10, atol=1e-300)
-    assert len(streamlined.graphs) == 1, "a new shape compiled a new graph"
+        expected = rule_graph[graph.paired.num_outputs]
+        torch.testing.assert_close((lowered.cov if structure == "full" else lowered.var).reshape(expected.shape),
+                                   expected, rtol=1e-10, atol=1e-300)
+    assert len(streamlined.graphs) == (len(inputs) if name in PER_SHAPE else 1), "a new shape compiled a new graph"
 
 
 def test_a_posterior_updated_in_place_is_what_the_lowered_graph_reads() -> None:

@@ -98,7 +98,7 @@ def _means(call: RuleCall) -> tuple:
     return q, k, v, mask, bool(call.arg(5)), call.arg(6)
 
 
-@register(aten.scaled_dot_product_attention.default, supports=_attention_problem,
+@register(aten.scaled_dot_product_attention.default, supports=_attention_problem, differentiable=attention_math,
           unread=lambda options: (QUERY, KEY, MASK) if options["attention"] == "paper" else ())
 def scaled_dot_product_attention(call: RuleCall) -> torch.Tensor:
     """Output covariance of attention under the chosen ``attention`` option (see the module doc)."""

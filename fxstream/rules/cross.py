@@ -21,32 +21,15 @@ from __future__ import annotations
 
 import torch
 
-from .attention import attention_math
 from .linearise import push_forward
 from .registry import Path, RuleCall
 
-aten = torch.ops.aten
 
 Pick = int | None  # the output of a multi-output op the covariance belongs to (None: the op has one)
 
 
-def eval_batch_norm_math(x, weight, bias, running_mean, running_var, momentum, eps):
-    """``_native_batch_norm_legit_no_training`` written out, as its (y, mean, 1/std): the fused kernel's
-    forward derivative fails when traced for lowering."""
-    channel = (-1,) + (1,) * (x.dim() - 2)
-    inv_std = torch.rsqrt(running_var + eps)
-    y = (x - running_mean.reshape(channel)) * inv_std.reshape(channel)
-    y = y if weight is None else y * weight.reshape(channel)
-    return (y if bias is None else y + bias.reshape(channel)), running_mean, inv_std
-
-
-#: Ops whose kernels have no usable forward-mode derivative: a function of the same arguments that has one.
-DIFFERENTIABLE = {aten.scaled_dot_product_attention.default: attention_math,
-                  aten._native_batch_norm_legit_no_training.default: eval_batch_norm_math}
-
-
 def _call(op, args: tuple, kwargs: dict, out) -> RuleCall:
-    return RuleCall(DIFFERENTIABLE.get(op, op), args, kwargs, (), {}, (), {}, out, "full")
+    return RuleCall(op, args, kwargs, (), {}, (), {}, out, "full")
 
 
 def _input_fn(call: RuleCall, path: Path, pick: Pick):

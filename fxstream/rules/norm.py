@@ -82,7 +82,17 @@ def batch_norm(call: RuleCall) -> torch.Tensor:
     return torch.broadcast_to(var, call.out.shape)
 
 
-@register(aten._native_batch_norm_legit_no_training.default)
+def eval_batch_norm_math(x, weight, bias, running_mean, running_var, momentum, eps):
+    """``_native_batch_norm_legit_no_training`` written out, as its (y, mean, 1/std): the fused kernel's
+    forward derivative fails when traced for lowering."""
+    channel = (-1,) + (1,) * (x.dim() - 2)
+    inv_std = torch.rsqrt(running_var + eps)
+    y = (x - running_mean.reshape(channel)) * inv_std.reshape(channel)
+    y = y if weight is None else y * weight.reshape(channel)
+    return (y if bias is None else y + bias.reshape(channel)), running_mean, inv_std
+
+
+@register(aten._native_batch_norm_legit_no_training.default, differentiable=eval_batch_norm_math)
 def batch_norm_functional(call: RuleCall) -> tuple[torch.Tensor, None, None]:
     """The functionalised eval batch norm (what ``batch_norm`` becomes at capture): (y, mean, 1/std).
 
@@ -152,7 +162,16 @@ def _normalised_variance(xhat: torch.Tensor, var: torch.Tensor, inv_std: torch.T
     return scaled * (1 - 2 * (1 + xhat.square()) / n) + (s0 + 2 * xhat * s1 + xhat.square() * s2) / n**2
 
 
-@register(aten.layer_norm.default)
+def layer_norm_math(x, shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    """``layer_norm`` written out: the kernel's forward derivative in its weight and bias fails when traced
+    for lowering (a tensor that is not fake reaches the trace)."""
+    mu, inv_std = layer_statistics(x, len(shape), eps)
+    y = (x - mu) * inv_std
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
+
+
+@register(aten.layer_norm.default, differentiable=layer_norm_math)
 def layer_norm(call: RuleCall) -> torch.Tensor:
     """y = gamma * xhat + beta. norm="paper": statistics from the mean input, held constant;
     norm="linearised": the Jacobian of the norm at the mean, through its statistics.

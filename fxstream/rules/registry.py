@@ -133,9 +133,13 @@ class RuleCall:
         return tuple(args), kwargs
 
     def call_with(self, replacements: dict[Path, Any]) -> Any:
-        """Run the op with the tensors at the given paths replaced, the rest at the means."""
+        """Run the op with the tensors at the given paths replaced, the rest at the means.
+
+        Rules differentiate through this; an op registered with ``differentiable=`` runs as that
+        written-out form (see :func:`register`).
+        """
         args, kwargs = self.substituted(replacements)
-        return self.op(*args, **kwargs)
+        return DIFFERENTIABLE.get(self.op, self.op)(*args, **kwargs)
 
 
 def arg_path(index: int) -> Path:
@@ -249,6 +253,11 @@ def _graph_target(fn: RuleFn, op: OpOverload) -> Callable[..., Any]:
     return target
 
 
+#: Per op, a function of the op's arguments equal to it, built from ops whose forward-mode derivatives trace
+#: (filled by ``register(..., differentiable=)``).
+DIFFERENTIABLE: dict[OpOverload, Callable[..., Any]] = {}
+
+
 def register(
     *ops: OpOverload,
     structures: tuple[str, ...] = ACTIVATION_STRUCTURES,
@@ -256,6 +265,7 @@ def register(
     param_passthrough: bool = False,
     unread: Callable[[Mapping[str, str]], tuple[int, ...]] = lambda options: (),
     supports: Supports | None = None,
+    differentiable: Callable[..., Any] | None = None,
 ) -> Callable[[RuleFn], RuleFn]:
     """Register ``fn`` as the covariance rule of each overload in ``ops``.
 
@@ -269,7 +279,9 @@ def register(
     ``supports(call)``: the capability check (see :data:`Supports`); the pair pass runs it
     on every call of the op that needs a covariance, so a configuration the rule does not
     handle becomes an ``UnsupportedOpError`` naming the module, never an error from inside
-    the rule.
+    the rule. ``differentiable``: the op written out, for a kernel whose forward-mode derivative
+    is missing or fails when traced for lowering; every Jacobian taken through the op with
+    :meth:`RuleCall.call_with` (pointwise linearisation, cross-covariances) uses it.
     """
 
     def decorate(fn: RuleFn) -> RuleFn:
@@ -279,6 +291,8 @@ def register(
                 raise RuntimeError(f"two rules registered for {op}: {RULES[op].name} and {fn.__name__}")
             RULES[op] = Rule(op, fn, family, structures, param_kinds, param_passthrough, _graph_target(fn, op),
                              unread, supports)
+            if differentiable is not None:
+                DIFFERENTIABLE[op] = differentiable
         return fn
 
     return decorate
