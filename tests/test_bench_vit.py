@@ -50,6 +50,9 @@ def test_monte_carlo_restores_the_weights_and_a_zero_posterior_is_the_map(tiny):
     variances = {n: torch.zeros_like(p) for n, p in bench.bayesian_parameters(model).items()}
     probs = bench.mc_probs(model, fxstream.Diagonal(variances), images, samples=3)
     torch.testing.assert_close(probs, torch.softmax(model(images), -1))
+    moments = bench.mc_moments(model, fxstream.Diagonal(variances), images, samples=3)
+    torch.testing.assert_close(moments.mean, model(images))
+    assert torch.equal(moments.var, torch.zeros_like(moments.var))
     broad = fxstream.Diagonal({n: torch.full_like(v, 0.1) for n, v in variances.items()})
     assert not torch.allclose(bench.mc_probs(model, broad, images, samples=3), probs)
     for name, p in model.named_parameters():

@@ -120,13 +120,18 @@ def lower_to_aten(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return traced
 
 
+#: torch's functions of symbolic sizes, which a trace with symbolic sizes records (a sum of sizes: sym_sum).
+SIZE_FUNCTIONS = frozenset({torch.sym_sum, torch.sym_max, torch.sym_min, torch.sym_float, torch.sym_int,
+                            torch.sym_not, torch.sym_ite})
+
+
 def is_plain_aten(node: torch.fx.Node) -> bool:
     """Whether a call in a lowered graph is an ATen (or symbolic-size) op, never Python rule code."""
     if node.op != "call_function":
         return node.op in ("placeholder", "get_attr", "output")
     target = node.target
-    return isinstance(target, OpOverload) or target is operator.getitem or \
-        getattr(target, "__module__", "") in ("_operator", "operator", "torch.sym_float", "math")
+    return isinstance(target, OpOverload) or target is operator.getitem or target in SIZE_FUNCTIONS or \
+        getattr(target, "__module__", "") in ("_operator", "operator", "math")
 
 
 def compile_graph(graph_module: torch.fx.GraphModule, example_inputs: list, backend: Backend) -> Callable:
