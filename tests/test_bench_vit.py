@@ -57,3 +57,15 @@ def test_monte_carlo_restores_the_weights_and_a_zero_posterior_is_the_map(tiny):
     assert not torch.allclose(bench.mc_probs(model, broad, images, samples=3), probs)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name])
+
+
+def test_the_vit_runs_lowered_at_every_batch_size_from_one_graph(tiny):
+    """Its lowered graph records torch.sym_sum (a sum of symbolic sizes), which must count as plain ATen."""
+    model, images = tiny
+    variances = {n: torch.full_like(p, 1e-3) for n, p in bench.bayesian_parameters(model).items()}
+    streamlined = fxstream.streamline(model, fxstream.Diagonal(variances), backend="eager")
+    both = streamlined(torch.cat([images, images.flip(-1)]))
+    first = streamlined(images)
+    assert len(streamlined.graphs) == 1
+    torch.testing.assert_close(first.var, both.var[:3], rtol=1e-12, atol=0)  # samples are independent
+    assert not torch.allclose(both.var[3:], first.var)
