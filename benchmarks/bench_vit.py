@@ -65,31 +65,33 @@ with Monte Carlo's variances: the part of the gap that is the mean."""
 FINDINGS = """\
 ## What the recorded run shows
 
-Written for the run recorded above (the ViT trained in 418 s and its GGN
-diagonal fitted in 160 s by the first run of the same command, on a shared,
-loaded 2-core machine); a rerun regenerates the table, not this text.
+Written for the run recorded above (the ViT and its GGN diagonal loaded from
+the --checkpoint that the first run of the same command saved); a rerun
+regenerates the tables, not this text.
 
 - **Tuning prefers the MAP network.** The validation NLPD is lowest at
   prior precision 3.16e6 (grid 1 .. 1e7), a posterior so narrow that MAP,
   MC and fxstream agree to the fourth decimal (NLPD 0.3734, ECE 0.014-0.015). On this in-distribution task a
   Bayesian last two blocks buys nothing measurable, so the tuned rows only
-  show that fxstream costs 2.7x the MAP forward and is 21x faster than
+  show that fxstream costs 2.5x the MAP forward and is 21x faster than
   MC-100 (eager, one thread; the prefix shared by all draws runs once for
   Monte Carlo).
 - **Where the posterior matters, fxstream misses most of what sampling
-  does.** At the untuned prior 316 Monte Carlo moves the predictions (mean
-  TV distance 0.048 between MC-100's and the MAP network's probabilities;
-  NLPD 0.387 and ECE 0.039, both worse than MAP's 0.373 and 0.015), while
-  fxstream moves them only a little of the way (TV 0.042 from MC-100; NLPD
-  0.3737, ECE 0.015). The paper's rules take attention
-  probabilities and layer-norm statistics from the means and keep diagonal
-  activations; linearising attention and layer norm (second fxstream row)
-  changes nothing visible here. The gap lies in what the remaining one-pass
-  approximations leave out of two transformer blocks under a broad posterior
-  (GELU and softmax linearised at the mean, the correlations that diagonal
-  activations drop, the probit link), which Monte Carlo sees; here it makes
-  Monte Carlo's predictive worse, not better. Which of them dominates was
-  not measured.
+  does, and the gap table says why: the mean.** At the untuned prior 316
+  Monte Carlo moves the predictions (mean TV distance 0.048 between MC-100's
+  and the MAP network's probabilities; NLPD 0.387 and ECE 0.039, both worse
+  than MAP's 0.373 and 0.015), while fxstream moves them only a little of the
+  way (TV 0.042 from MC-100). A probit predictive on Monte Carlo's own logit
+  means and variances lands at TV 0.013 from MC-100, so the Gaussian-logit
+  probit link accounts for about a third of the gap; the same with the MAP
+  network's logits as the mean is at 0.044, no closer than fxstream. Under
+  this broad posterior the average logits move away from the MAP network's
+  (GELU, softmax attention and layer norm are curved over the weights' spread),
+  and every one-pass predictive here takes its mean from the MAP network, so
+  that shift is what it misses; its variances (0.69x Monte Carlo's, median
+  over logits; 0.52x at the tuned prior, where the diagonal activations' dropped
+  correlations are the whole difference) matter less. Linearising attention
+  and layer norm (second fxstream row) changes neither.
 """
 PRIOR_GRID = tuple(float(p) for p in torch.logspace(0, 7, 15))
 
