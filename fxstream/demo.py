@@ -228,9 +228,17 @@ def evaluate(seed: int, epochs: int, backend: str, repeats: int, device: str = "
             probs = {method: {name: fn(x) for name, x in sets.items()}
                      for method, fn in tqdm(methods.items(), desc="predicting", unit="method", file=sys.stderr)}
             timed = sets["test"][:TIMED]
-            log(f"timing every method on {len(timed)} test inputs: {repeats} interleaved rounds after a warm-up")
-            seconds = median_seconds({m: (lambda fn=fn: fn(timed)) for m, fn in methods.items()}, repeats,
-                                     warmup=1, synchronize=_synchronizer(device))
+            log(f"timing every method on {len(timed)} test inputs, one thread: {repeats} interleaved rounds after "
+                "a warm-up")
+            # One thread: calls this small stall on waking a second thread that another process holds
+            # (fxstream's right after GLM's took 30 ms instead of 0.5 ms with the other core busy).
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                seconds = median_seconds({m: (lambda fn=fn: fn(timed)) for m, fn in methods.items()}, repeats,
+                                         warmup=1, synchronize=_synchronizer(device))
+            finally:
+                torch.set_num_threads(threads)
     rows = [score(method, probs[method], data, seconds[method], setup if method.startswith("fxstream") else 0.0)
             for method in methods]
     return rows, tuned
@@ -255,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
                f"prior precision {tuned.prior_precision:.3g} (fxstream.tune, validation NLPD"
                f"{', AT THE EDGE of its grid' if tuned.at_edge else ''}); shifted: test digits rotated {ANGLE:g} degrees plus noise; "
                f"OOD: digits 8 and 9 (score: predictive entropy); seed {args.seed}; "
-               f"time: {TIMED} test inputs, median of {args.repeats} interleaved rounds")
+               f"time: {TIMED} test inputs, one thread, median of {args.repeats} interleaved rounds")
     if args.json:
         print(json.dumps({"setting": setting, "seed": args.seed, "epochs": args.epochs, "backend": args.backend,
                           "device": device, "repeats": args.repeats, "rows": [asdict(r) for r in rows]}, indent=2))
