@@ -169,12 +169,9 @@ def run_model(name: str, args: argparse.Namespace, train_set, val_set, split: Sp
         log(f"{name}: {method} predicted {sum(len(x) for x in sets.values())} images in "
             f"{time.perf_counter() - start:.1f}s")
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     batch = split.x_test[: args.time_batch]
     result.seconds = median_seconds({m: (lambda fn=fn: fn(batch)) for m, fn in methods.items()}, args.repeats,
-                                    args.clock, warmup=1)
-    torch.set_num_threads(threads)
+                                    args.clock, warmup=1, threads=args.threads)
     return result
 
 

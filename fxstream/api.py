@@ -27,6 +27,7 @@ from .rules.registry import covariance_dtype
 _NUMBERS_CONSTANT = torch._dynamo.config.patch(specialize_int=True, specialize_float=True)
 _NO_DUCK_SIZING = torch.fx.experimental._config.patch(use_duck_shape=False)
 
+
 class StreamlinedModel(torch.nn.Module):
     """A model whose call returns the :class:`Predictive` of its output.
 

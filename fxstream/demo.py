@@ -232,13 +232,8 @@ def evaluate(seed: int, epochs: int, backend: str, repeats: int, device: str = "
                 "a warm-up")
             # One thread: calls this small stall on waking a second thread that another process holds
             # (fxstream's right after GLM's took 30 ms instead of 0.5 ms with the other core busy).
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                seconds = median_seconds({m: (lambda fn=fn: fn(timed)) for m, fn in methods.items()}, repeats,
-                                         warmup=1, synchronize=_synchronizer(device))
-            finally:
-                torch.set_num_threads(threads)
+            seconds = median_seconds({m: (lambda fn=fn: fn(timed)) for m, fn in methods.items()}, repeats,
+                                     warmup=1, synchronize=_synchronizer(device), threads=1)
     rows = [score(method, probs[method], data, seconds[method], setup if method.startswith("fxstream") else 0.0)
             for method in methods]
     return rows, tuned

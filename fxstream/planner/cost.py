@@ -459,8 +459,7 @@ class Interpolator:
         nodes = {n.name: n for n in paired.graph_module.graph.nodes}
         keys = {c.name: _node_key(nodes[c.name]) for c in costs if c.name in nodes}
         unseen = {name for name, key in keys.items() if key not in self.cache}
-        missing = bool(unseen)
-        if missing and exact:
+        if unseen and exact:
             runs = [profile(self.sym, paired, point, unseen) for point in self.grid]
             for name in unseen:
                 key = keys[name]
@@ -477,7 +476,7 @@ class Interpolator:
         for cost in costs:
             if keys.get(cost.name) in self.cache:
                 cost.flops, cost.workspace = self.cache[keys[cost.name]]
-        return exact or not missing
+        return exact or not unseen
 
 
 def cost_report(sym: SymbolicCapture, paired: PairedGraph, interpolator: Interpolator | None = None,

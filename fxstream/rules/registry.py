@@ -139,7 +139,9 @@ class RuleCall:
         written-out form (see :func:`register`).
         """
         args, kwargs = self.substituted(replacements)
-        return DIFFERENTIABLE.get(self.op, self.op)(*args, **kwargs)
+        rule = RULES.get(self.op)
+        written_out = rule.differentiable if rule is not None else None
+        return (written_out or self.op)(*args, **kwargs)
 
 
 def arg_path(index: int) -> Path:
@@ -192,6 +194,7 @@ class Rule:
     graph_target: Callable[..., Any] = field(compare=False, default=None)  # type: ignore[assignment]
     unread: Callable[[Mapping[str, str]], tuple[int, ...]] = field(compare=False, default=lambda options: ())
     supports: Supports | None = field(compare=False, default=None)
+    differentiable: Callable[..., Any] | None = field(compare=False, default=None)
 
     @property
     def name(self) -> str:
@@ -253,11 +256,6 @@ def _graph_target(fn: RuleFn, op: OpOverload) -> Callable[..., Any]:
     return target
 
 
-#: Per op, a function of the op's arguments equal to it, built from ops whose forward-mode derivatives trace
-#: (filled by ``register(..., differentiable=)``).
-DIFFERENTIABLE: dict[OpOverload, Callable[..., Any]] = {}
-
-
 def register(
     *ops: OpOverload,
     structures: tuple[str, ...] = ACTIVATION_STRUCTURES,
@@ -290,9 +288,7 @@ def register(
             if op in RULES:
                 raise RuntimeError(f"two rules registered for {op}: {RULES[op].name} and {fn.__name__}")
             RULES[op] = Rule(op, fn, family, structures, param_kinds, param_passthrough, _graph_target(fn, op),
-                             unread, supports)
-            if differentiable is not None:
-                DIFFERENTIABLE[op] = differentiable
+                             unread, supports, differentiable)
         return fn
 
     return decorate
