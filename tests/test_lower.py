@@ -9,6 +9,7 @@ threads with one graph.
 from __future__ import annotations
 
 import threading
+import warnings
 
 import pytest
 import torch
@@ -38,7 +39,7 @@ class SmallCNN(nn.Module):
 
 
 def _case(name: str):
-    """(model, posterior, inputs at several shapes, activation structure)."""
+    """(model, posterior, inputs at several shapes, streamline options)."""
     torch.manual_seed(0)
     if name.startswith("mlp"):
         model = nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Linear(16, 16), nn.SiLU(), nn.Linear(16, 3)).double()
@@ -52,14 +53,20 @@ def _case(name: str):
         model, _ = transformers_tests.tiny("gpt2", layers=1)
         variances = {n: torch.full_like(p, 1e-4) for n, p in model.named_parameters() if ".h.0." in n}
         inputs = [torch.randint(0, 97, shape) for shape in ((2, 3), (3, 2), (2, 4))]
-        return model.eval(), fxstream.Diagonal(variances), inputs, "full"
+        return model.eval(), fxstream.Diagonal(variances), inputs, {"activation_cov": "full"}
+    elif name == "llama-joins":  # attention and MLP branches joined: index constants recorded at build time
+        model, _ = transformers_tests.tiny("llama", layers=2)
+        variances = {n: 1e-4 * p.detach().square().mean() * torch.ones_like(p) for n, p in model.named_parameters()
+                     if n.endswith("weight") and any(k in n for k in ("v_proj", "o_proj", "mlp"))}
+        inputs = [torch.randint(0, 97, shape) for shape in ((2, 8), (3, 5), (4, 11))]
+        return model.eval(), fxstream.Diagonal(variances), inputs, {"residual": "linearised", "gates": "linearised"}
     else:
         model, _ = transformers_tests.tiny(name, layers=1)
         variances = transformers_tests.weight_variances(model, 0.05, with_query_key=True)
         inputs = [torch.randint(0, 97, shape) for shape in ((2, 8), (3, 5), (4, 11))]
-        return model.eval(), fxstream.Diagonal(variances), inputs, "diag"
-    structure = "full" if name.endswith("full") else "diag"
-    return model.eval(), _variances(model), inputs, structure
+        return model.eval(), fxstream.Diagonal(variances), inputs, {}
+    options = {"activation_cov": "full"} if name.endswith("full") else {}
+    return model.eval(), _variances(model), inputs, options
 
 
 # A known gap: a Jacobian in a parameter under full activations (here the layer norms' gamma and beta) is
@@ -67,11 +74,14 @@ def _case(name: str):
 PER_SHAPE = ("gpt2-full",)
 
 
-@pytest.mark.parametrize("name", ["mlp", "mlp-full", "cnn", "cnn-full", "gpt2", "gpt2-full", "llama"])
+@pytest.mark.parametrize("name", ["mlp", "mlp-full", "cnn", "cnn-full", "gpt2", "gpt2-full", "llama", "llama-joins"])
 def test_lowered_graph_equals_the_rule_graph_at_every_shape(name: str) -> None:
     """The lowered graph equals the rule graph at each of three shapes, all from one capture (PER_SHAPE: one each)."""
-    model, posterior, inputs, structure = _case(name)
-    streamlined = fxstream.streamline(model, posterior, activation_cov=structure, backend="eager")
+    model, posterior, inputs, options = _case(name)
+    structure = options.get("activation_cov", "diag")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # residual='linearised' names the joins it leaves; not this test's subject
+        streamlined = fxstream.streamline(model, posterior, backend="eager", **options)
     for x in inputs:
         streamlined(x)
         graph = streamlined.graphs[-1]

@@ -70,6 +70,20 @@ def _set_buffer(root: torch.nn.Module, target: str, tensor: torch.Tensor) -> Non
     root.register_buffer(name, tensor)
 
 
+def _rename_colliding_constants(traced: torch.fx.GraphModule, lifted: set[str]) -> None:
+    """Move the constants make_fx recorded (tensors a rule made from Python numbers, ``_tensor_constant<i>``)
+    off the names of lifted attributes, which are set on ``traced`` afterwards and would replace them."""
+    for node in traced.graph.find_nodes(op="get_attr"):
+        if node.target not in lifted:
+            continue
+        fresh, count = f"{node.target}_traced", 0
+        while hasattr(traced, fresh):
+            count += 1
+            fresh = f"{node.target}_traced{count}"
+        setattr(traced, fresh, _attribute(traced, node.target))
+        node.target = fresh
+
+
 def _is_symbolic(value: Any) -> bool:
     if isinstance(value, torch.SymInt):
         return True
@@ -103,6 +117,7 @@ def lower_to_aten(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     with torch.backends.opt_einsum.flags(enabled=False):
         traced = make_fx(run, tracing_mode=mode)(*values, *fake_attributes)
     graph = traced.graph
+    _rename_colliding_constants(traced, set(names))
     new_placeholders = list(graph.find_nodes(op="placeholder"))
     for node, old in zip(new_placeholders, placeholders):
         node._rename(old.name)

@@ -37,6 +37,13 @@ _WITH_NUMBER = {
 }
 
 
+def number_overload(target, args: tuple):
+    """``target``, or its Scalar overload where its second operand is a Python number."""
+    if target in _WITH_NUMBER and len(args) > 1 and isinstance(args[1], (int, float)):
+        return _WITH_NUMBER[target]
+    return target
+
+
 @dataclass
 class Region:
     """The elementwise function from ``source`` to ``join``: its nodes in graph order, ``join`` last."""
@@ -50,8 +57,7 @@ class Region:
         env = {self.source: graph.placeholder("x")}
         for node in self.nodes:
             copy = env[node] = graph.node_copy(node, lambda n: env[n])
-            if copy.target in _WITH_NUMBER and len(copy.args) > 1 and isinstance(copy.args[1], (int, float)):
-                copy.target = _WITH_NUMBER[copy.target]
+            copy.target = number_overload(copy.target, copy.args)
         graph.output(env[self.nodes[-1]])
         return torch.fx.GraphModule(torch.nn.Module(), graph, class_name="ElementwiseRegion")
 

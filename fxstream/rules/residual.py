@@ -65,7 +65,7 @@ from .attention import attention_probabilities
 from .linearise import derivative
 from .norm import layer_statistics
 from .patterns import SOFTMAX, TRANSPARENT
-from .region import ELEMENTWISE_OPS
+from .region import ELEMENTWISE_OPS, number_overload
 
 aten = torch.ops.aten
 
@@ -238,8 +238,8 @@ def _moved(form: Placed, move) -> Form:
     return Placed(moved, form.mixed)
 
 
-def _through_placed(form: Placed, m: torch.Tensor, sources: dict[str, torch.Tensor] | None,
-                    recorded: dict[str, torch.Tensor]) -> Form:
+def _through_placed(form: Placed, m: torch.Tensor, sources: dict[str, tuple[int, ...]] | None,
+                    recorded: dict[str, tuple[int, ...]]) -> Form:
     """diag(J) after a second map m (out, K2) of moved elements: every element must be back in its own
     row (checked at build time, when ``where`` is known) and come from one feature k(j) of the first
     map per input feature j of the second, the same in every row: then, as for a Chain,
@@ -257,9 +257,9 @@ def _through_placed(form: Placed, m: torch.Tensor, sources: dict[str, torch.Tens
             if rows.shape[0] != g.shape[0] or not bool((rows == torch.arange(rows.shape[0])[:, None]).all()) \
                     or not bool((features == features[:1]).all()):
                 raise NotCarried("a branch that moves features across tokens between its maps")
-            recorded[key] = features[0]
+            recorded[key] = tuple(features[0].tolist())
         source = recorded[key] if sources is None else sources[key]
-        along = a.reshape(-1, width) @ (m.t() * first[source.to(first.device)])
+        along = a.reshape(-1, width) @ (m.t() * first[torch.tensor(source, dtype=torch.long, device=first.device)])
         total = along * g if total is None else total + along * g
     return Diagonal(total, exact=False)
 
@@ -371,8 +371,10 @@ class ResidualBranch(torch.nn.Module):
     def __init__(self, steps: list[Step], fork: int, norm: str, attention: str = "paper") -> None:
         super().__init__()
         self.steps, self.fork, self.norm, self.attention = steps, fork, norm, attention
-        #: per second map after moved elements (by step index), the first map's feature each input feature
-        #: reads (found at build time, where ``recording``; buffers ``source_<step>_<term>``)
+        #: per second map after moved elements (by step index, then term), the first map's feature each
+        #: input feature reads: found at build time, where ``recording``, and kept as Python ints, which a
+        #: trace records as constants (a real tensor here would meet the lower pass's fake ones)
+        self.sources: dict[int, dict[str, tuple[int, ...]]] = {}
         self.recording = False
         #: per step, every value it reads (args and kwargs, nested ones too)
         self.reads = [[r.index for r in _refs((step.args, step.kwargs))] for step in steps]
@@ -433,19 +435,12 @@ class ResidualBranch(torch.nn.Module):
 
         return run
 
-    def _sources(self, step: Step, recorded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """The recorded sources of a second map (None while recording: ``recorded`` is filled, then kept)."""
-        if self.recording:
-            return None
-        return {key: getattr(self, f"source_{step.index}_{key}") for key in
-                [name[len(f"source_{step.index}_"):] for name, _ in self.named_buffers()
-                 if name.startswith(f"source_{step.index}_")]}
-
     def _second_map(self, step: Step, form: Placed, m: torch.Tensor) -> Form:
-        recorded: dict[str, torch.Tensor] = {}
-        done = _through_placed(form, m, self._sources(step, recorded), recorded)
-        for key, source in recorded.items():
-            self.register_buffer(f"source_{step.index}_{key}", source)
+        """diag(J) after a second map; while recording, the sources it found are kept for later calls."""
+        recorded: dict[str, tuple[int, ...]] = {}
+        done = _through_placed(form, m, None if self.recording else self.sources[step.index], recorded)
+        if self.recording:
+            self.sources[step.index] = recorded
         return done
 
     def _mixing(self, step: Step, args: tuple, kwargs: dict, formed: list) -> Form:
@@ -526,7 +521,7 @@ class ResidualBranch(torch.nn.Module):
             for position, form in formed:
                 if args[position].shape != out.shape:
                     raise NotCarried(f"{target} broadcasts an uncertain operand")
-                slope = derivative(_holding_others(target, args, kwargs, position), args[position])
+                slope = _slope(target, args, kwargs, position)
                 part = _scaled(form, slope.to(out.dtype))
                 total = part if total is None else _sum(total, part)
             return total
@@ -592,11 +587,20 @@ def _refs(structure) -> list[Ref]:
     return found
 
 
-def _holding_others(target, args: tuple, kwargs: dict, position: int):
-    def op_of(x: torch.Tensor) -> torch.Tensor:
-        return target(*args[:position], x, *args[position + 1:], **kwargs)
+def _slope(target, args: tuple, kwargs: dict, position: int) -> torch.Tensor:
+    """The elementwise derivative of the op in its operand at ``position``, the others held. A product's
+    is the other factor: the forward-mode derivative of mul.Tensor reads concrete sizes, which would fix
+    the symbolic sizes of a lowered graph. Others by a JVP (a number operand: the Scalar overload)."""
+    x = args[position]
+    if target is aten.mul.Tensor:
+        other = args[1 - position]
+        return other.expand_as(x) if isinstance(other, torch.Tensor) else torch.full_like(x, other)
+    target = number_overload(target, args)
 
-    return op_of
+    def op_of(h: torch.Tensor) -> torch.Tensor:
+        return target(*args[:position], h, *args[position + 1:], **kwargs)
+
+    return derivative(op_of, x)
 
 
 @dataclass
