@@ -267,6 +267,7 @@ def streamline(
     products: Literal["moments", "linearised"] = "moments",
     joins: Literal["independent", "exact"] = "independent",
     gates: Literal["independent", "linearised"] = "independent",
+    output_cov: Literal["full", "diag"] = "full",
     backend: Literal["inductor", "eager"] = "inductor",
     output: str | int | None = None,
     budget: int | str | None = None,
@@ -319,6 +320,10 @@ def streamline(
             covariance (first order, diagonal activations) where each factor is elementwise ops around at
             most one linear map from the common tensor; one GEMM of the gate's size per gate
             (``fxstream.rules.gates``).
+        output_cov: with activation_cov="full", "full" returns each output's covariance (``.cov``) and
+            "diag" its variances only: the last linear layer before the output computes them from its
+            input's full covariance (each row's diag(W C W^T)), so the output's own covariance, which
+            for a language model's head is (tokens x vocabulary)^2 per sample, is never formed.
         backend: "inductor" compiles the rewritten graph; "eager" runs it as an FX GraphModule.
         output: the key or index of the output to return the predictive of, for models returning
             a dict, dataclass or tuple (default: "logits" if present, else the first tensor).
@@ -331,7 +336,7 @@ def streamline(
         raise FxstreamError("the model is in training mode; call model.eval() before streamline()")
     rule_options = {"attention": attention, "norm": norm, "residual": residual,
                     "variance_matmul": variance_matmul, "products": products,
-                    "joins": joins, "gates": gates}
+                    "joins": joins, "gates": gates, "output_cov": output_cov}
     chosen = None
     if budget is not None:
         from .planner import plan

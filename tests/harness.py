@@ -143,8 +143,10 @@ class Prepared:
     def outputs(self, out: Any) -> list[torch.Tensor]:
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
-    def rule_call(self, structure: str, options: dict | None = None) -> Any:
-        """Run the registered rule through its graph target, as the rewritten graph does."""
+    def rule_call(self, structure: str, options: dict | None = None, activations: str | None = None) -> Any:
+        """Run the registered rule through its graph target, as the rewritten graph does; ``activations``:
+        the uncertain activations' structure where it is not the output's (output_cov="diag")."""
+        activations = activations or structure
         rule = rule_for(self.sample.op)
         by_path = {leaf.path: leaf for leaf in self.leaves}
         flat_cov, flat_kind = [], []
@@ -157,8 +159,8 @@ class Prepared:
                 flat_cov.append(leaf.var)
                 flat_kind.append("param_diag")
             else:
-                flat_cov.append(leaf.cov if structure == "full" else leaf.var)
-                flat_kind.append(structure)
+                flat_cov.append(leaf.cov if activations == "full" else leaf.var)
+                flat_kind.append(activations)
         flat_mean = [v.mean if isinstance(v, Uncertain) else v for v in self.leaves_all]
         args, kwargs = tree_unflatten(flat_mean, self.spec)
         covs, kw_covs = tree_unflatten(flat_cov, self.spec)

@@ -17,6 +17,7 @@ from torch.func import functional_call, jacrev
 
 import fxstream
 from fxstream.passes.lower import is_plain_aten
+from fxstream.passes.pair import output_variances
 
 DTYPE = torch.float64
 FIRST_ORDER = dict(activation_cov="full", products="linearised", norm="linearised", attention="linearised")
@@ -149,6 +150,44 @@ def test_exact_joins_equal_glm_on_transformers(name: str) -> None:
     assert all(is_plain_aten(node) for node in graph.lowered.graph.nodes)
     rules = {node.meta.get("fxstream", {}).get("rule") for node in graph.paired.graph_module.graph.nodes}
     assert "exact_join" in rules
+    variances_only = fxstream.streamline(model, fxstream.Diagonal(var), backend="eager", joins="exact",
+                                         output_cov="diag", **FIRST_ORDER)
+    pred = variances_only(x)
+    assert pred.cov is None
+    assert relative_error(pred.var, expected.diagonal(dim1=-2, dim2=-1)) < (1e-12 if name == "gpt2" else 1e-6)
+    (graph,) = variances_only.graphs  # the head's rule made the variances from its input's full covariance
+    assert graph.paired.cov_kinds == ["diag"]
+    assert not graph.paired.graph_module.graph.find_nodes(op="call_function", target=output_variances)
+
+
+@pytest.mark.parametrize("case, from_layer", [("diagonal-head", True), ("kron-head", False),
+                                              ("softmax-output", False)])
+def test_output_variances_are_the_full_outputs_diagonal(case: str, from_layer: bool) -> None:
+    """output_cov="diag" with the exact moments (products="moments"): the diagonal of the full output's
+    covariance. The head's rule makes it from its input's row blocks where a diagonal head posterior needs
+    no more; a Kronecker head posterior meets E[x x^T] whole, and a softmax output has no layer before it:
+    there the full output is formed and its diagonal taken."""
+    torch.manual_seed(0)
+    model = ResidualMLP().to(DTYPE).eval()
+    head = "out"
+    if case == "softmax-output":
+        model, head = nn.Sequential(model, nn.Softmax(-1)).eval(), "0.out"
+    x = torch.randn(3, 4, generator=seeded(1), dtype=DTYPE)
+    var = variances(model)
+    posterior = fxstream.Diagonal(var)
+    if case == "kron-head":
+        weight = dict(model.named_parameters())[f"{head}.weight"]
+        factors = (1e-2 * torch.eye(weight.shape[0], dtype=DTYPE) + 1e-3, 1e-1 * torch.eye(weight.shape[1], dtype=DTYPE))
+        posterior = fxstream.Mixed(fxstream.Diagonal({n: v for n, v in var.items() if n != f"{head}.weight"}),
+                                   fxstream.KFAC({f"{head}.weight": factors}))
+    options = dict(FIRST_ORDER, products="moments", joins="exact", backend="eager")
+    full = fxstream.streamline(model, posterior, **options)(x)
+    streamlined = fxstream.streamline(model, posterior, output_cov="diag", **options)
+    pred = streamlined(x)
+    assert pred.cov is None
+    assert relative_error(pred.var, full.var) < 1e-12
+    fallback = streamlined.graphs[0].paired.graph_module.graph.find_nodes(op="call_function", target=output_variances)
+    assert bool(fallback) is not from_layer
 
 
 def test_exact_joins_equal_laplace_torch_glm_on_a_residual_network() -> None:

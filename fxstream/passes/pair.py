@@ -21,6 +21,7 @@ from torch.fx.node import map_aggregate
 
 from ..errors import CaptureError, FxstreamError
 from ..rules import DEFAULT_RULE_OPTIONS, VALUE_INDEPENDENT, mean_only_nodes, rule_for
+from ..rules.linear import OPERANDS, variance_only_chains
 from ..rules.linearise import diag_to_full, full_to_diag
 from ..rules.norm import rms_norm_covariance
 from ..rules.patterns import rms_joins
@@ -144,8 +145,17 @@ class Pairing:
             self.joins, self.rms, self.residuals, self.gates = {}, {}, {}, {}
         self.first_input: torch.fx.Node | None = None
         self.batch: torch.fx.Node | None = None  # the input's leading size, made once for full-structure rules
+        #: output_cov="diag": the last linear layer before each output with the nodes up to it, and the
+        #: nodes of such chains whose layer has a weight (not an activation): they carry variances only
+        self.layer_chains: dict[torch.fx.Node, set[torch.fx.Node]] = {}
+        self.variance_only: set[torch.fx.Node] = set()
 
     def run(self, requested: list[int] | None) -> PairedGraph:
+        if self.options["output_cov"] == "diag" and self.structure == "full":
+            flat = torch.utils._pytree.tree_leaves(next(iter(self.captured.graph_module.graph.find_nodes(
+                op="output"))).args[0])
+            chosen = range(len(flat)) if requested is None else requested
+            self.layer_chains = variance_only_chains([flat[i] for i in chosen if i < len(flat)])
         output_node = None
         for node in self.captured.graph_module.graph.nodes:
             if node.op == "output":
@@ -199,6 +209,10 @@ class Pairing:
             self.getitem(node)
             return
         out_structure = self.structure if node in self.data_dependent else _param_kind(uncertain, self.kind)
+        if node in self.layer_chains and self.variances_suffice(node):
+            self.variance_only |= self.layer_chains[node]
+        if node in self.variance_only:
+            out_structure = "diag"
         region, rms = self.joins.get(node), self.rms.get(node)
         if rms is not None and self.kind.get(rms.x) in ACTIVATION_STRUCTURES and out_structure == self.kind[rms.x]:
             self.cov[node] = self.rms_join(node, rms, out_structure)
@@ -209,6 +223,14 @@ class Pairing:
         self.kind[node] = out_structure
         if self.crosses is not None and out_structure == "full" and not isinstance(node.meta.get("val"), (list, tuple)):
             self.cov[node] = self.crosses.joined(node, self.cov[node])
+
+    def variances_suffice(self, layer: torch.fx.Node) -> bool:
+        """Whether a layer's output variances need no more of its input's full covariance than each row's
+        block: a weight that is no activation, and whose posterior meets E[x x^T] through its diagonal
+        only (a diagonal one) or not at all (products="linearised")."""
+        weight = self.kind.get(layer.args[OPERANDS[layer.target][1]])
+        return weight is None or weight == "param_diag" or (
+            self.options["products"] == "linearised" and weight not in ACTIVATION_STRUCTURES)
 
     def call_module(self, node: torch.fx.Node) -> None:
         raise CaptureError(f"captured graph calls module '{node.target}'; capture should have inlined it")
@@ -332,6 +354,10 @@ class Pairing:
             node = flat_outputs[index]
             if not isinstance(node, torch.fx.Node) or node not in self.cov:
                 continue
+            if self.options["output_cov"] == "diag" and self.kind[node] == "full":  # not from a linear layer
+                self.cov[node] = self.graph.call_function(output_variances, (self.cov[node], self.mean[node]))
+                _tag(self.cov[node], node, "output_variances")
+                self.kind[node] = "diag"
             cov_outputs.append(index)
             cov_kinds.append(self.kind[node])
         means_out = [self.mean[n] if isinstance(n, torch.fx.Node) else n for n in flat_outputs]
@@ -383,6 +409,11 @@ def _tag(cov_node, of: torch.fx.Node, rule: str) -> None:
 
 def _item(kinds, index):
     return kinds[index] if isinstance(kinds, (list, tuple)) else kinds
+
+
+def output_variances(cov: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """An output's variances from its full covariance (output_cov="diag" where no linear layer made them)."""
+    return full_to_diag(cov, mean.shape)
 
 
 def _param_kind(uncertain: list[torch.fx.Node], kind: dict) -> str:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.fx
 
-from .linearise import batch_size, linearised_full
+from .linearise import batch_size, full_to_diag, linearised_full
+from .patterns import RESHAPES, TRANSPARENT
 from .registry import RULES, RuleCall, register
 from .weights import (
     PARAM_KINDS,
@@ -54,11 +56,14 @@ def contraction_variance(mx, vx, my, vy, second_order: bool = True) -> torch.Ten
 
 
 def affine_diag(x: torch.Tensor, vx: torch.Tensor | None, w: torch.Tensor, weight: Param,
-                into: torch.Tensor | None = None, second_order: bool = True) -> torch.Tensor | None:
+                into: torch.Tensor | None = None, second_order: bool = True,
+                blocks: torch.Tensor | None = None) -> torch.Tensor | None:
     """``into`` plus the variances of x @ w^T: input term s @ (M^2)^T plus the weight posterior's term.
 
     The weight term meets E[x x^T] (``second_order``) or only m m^T (first order).
-    Both GEMMs run a block of output rows at a time for a large w (see ``by_output_blocks``).
+    ``blocks`` (x's shape plus Din: each row's full input covariance, ``vx`` its diagonal) makes the
+    input term diag(M C M^T) per row. Both GEMMs run a block of output rows at a time for a large w
+    (see ``by_output_blocks``).
     """
     moments = vx if second_order else None
     weight_term = None if weight is None else weight_by_rows(*weight, x, moments)
@@ -70,7 +75,10 @@ def affine_diag(x: torch.Tensor, vx: torch.Tensor | None, w: torch.Tensor, weigh
     def rows_variance(var: torch.Tensor | None, rows: slice) -> torch.Tensor:
         if weight_term is not None:
             var = weight_term(var, rows)
-        if vx is not None:
+        if blocks is not None:
+            m = w[rows].t().to(blocks.dtype)
+            var = plus(var, ((blocks @ m) * m).sum(-2))
+        elif vx is not None:
             var = matmul_into(var, vx, squared(w[rows]).t())
         return var
 
@@ -91,6 +99,15 @@ def affine_full(x: torch.Tensor, vx: torch.Tensor | None, w: torch.Tensor, weigh
         total = total + weight_full(*weight, x, s if second_order else None)
     n = rows * d_out
     return torch.broadcast_to(total, (batch, rows, d_out, rows, d_out)).reshape(batch, n, n)
+
+
+def row_blocks(cov: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each row's (token's) own block of a full per-sample covariance (B, N, N) over x (B, .., Din):
+    x's shape plus Din, the covariance of that row's Din features."""
+    batch, d_in = cov.shape[0], x.shape[-1]
+    rows = cov.shape[-1] // d_in
+    blocks = cov.reshape(batch, rows, d_in, rows, d_in).diagonal(dim1=1, dim2=3)  # (B, Din, Din, rows)
+    return blocks.movedim(-1, 1).reshape(*x.shape, d_in)
 
 
 def bias_full(cov_b: torch.Tensor, rows: int, batch: int) -> torch.Tensor:
@@ -174,7 +191,10 @@ def _added_activation(call: RuleCall, beta: float) -> torch.Tensor | None:
     if call.structure == "full":
         alone = tuple(c if i == index else None for i, c in enumerate(call.covs))
         return linearised_full(dataclasses.replace(call, covs=alone, kw_covs={}))
-    return beta**2 * call.cov(index)
+    cov = call.cov(index)
+    if call.kind(index) == "full":  # a diagonal output (output_cov="diag") of a full covariance
+        cov = full_to_diag(cov, call.arg(index).shape)
+    return beta**2 * cov
 
 
 def affine(call: RuleCall, x, w, weight: Param, bias: Param, alpha: float = 1.0, beta: float = 1.0) -> torch.Tensor:
@@ -189,13 +209,16 @@ def affine(call: RuleCall, x, w, weight: Param, bias: Param, alpha: float = 1.0,
             rows = x.numel() // (batch * x.shape[-1])
             cov = cov + bias_full(beta**2 * cov_b, rows, batch)
         return cov if added is None else cov + added
+    blocks = None
+    if vx is not None and call.kind(OPERANDS[call.op][0]) == "full":  # output_cov="diag": variances of full
+        blocks, vx = row_blocks(vx, x), full_to_diag(vx, x.shape)
     var_b = None if bias is None else bias_variance(*bias)
     if var_b is not None and beta != 1:
         var_b = beta**2 * var_b
     if alpha == 1:
-        var = affine_diag(x, vx, w, weight, var_b, call.second_order)
+        var = affine_diag(x, vx, w, weight, var_b, call.second_order, blocks)
     else:
-        body = affine_diag(x, vx, w, weight, second_order=call.second_order)
+        body = affine_diag(x, vx, w, weight, second_order=call.second_order, blocks=blocks)
         var = var_b if body is None else plus(var_b, alpha**2 * body)
     if added is not None:
         var = added if var is None else var + added
@@ -314,3 +337,28 @@ def narrowed_affine(args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure
     full = part.new_full(out.shape, float("nan"))  # the covariance's dtype, float32 for a float16 model
     full[..., columns] = part
     return full
+
+
+#: ops between a linear layer and an output that move or copy elements without mixing them
+_ELEMENT_MOVES = frozenset({*TRANSPARENT, *RESHAPES, aten.slice.Tensor, aten.select.int, aten.unsqueeze.default,
+                            aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims})
+LAYERS = (aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default)
+
+
+def variance_only_chains(outputs: list[torch.fx.Node]) -> dict[torch.fx.Node, set[torch.fx.Node]]:
+    """For output_cov="diag": per output whose value comes from a linear layer through element moves
+    (views, slices, casts) read by nothing else, that layer and the nodes up to the output. Their rules
+    form variances only, the layer's from its input's full covariance (see :func:`affine`)."""
+    chains = {}
+    for output in outputs:
+        chain, node = [], output
+        while isinstance(node, torch.fx.Node) and node.op == "call_function" \
+                and all(user.op == "output" or (chain and user is chain[-1]) for user in node.users):
+            chain.append(node)
+            if node.target in LAYERS:
+                chains[node] = set(chain)
+                break
+            if node.target not in _ELEMENT_MOVES:
+                break
+            node = node.args[0]
+    return chains

@@ -54,6 +54,11 @@ RULE_OPTIONS: dict[str, tuple[str, ...]] = {
     # covariance diag(J_a diag(v_h) J_b^T) (fxstream.rules.gates), where each factor is per-element ops
     # around at most one linear map from h.
     "gates": ("independent", "linearised"),
+    # "full": an output's covariance has the activations' structure; "diag": with activation_cov="full",
+    # outputs carry variances only. The last linear layer before an output (past views and slices)
+    # computes them from its input's full covariance, diag(W C W^T) per row, so the output's own
+    # covariance (a 50k-vocabulary head's: (tokens x vocabulary)^2 per sample) is never formed.
+    "output_cov": ("full", "diag"),
 }
 DEFAULT_RULE_OPTIONS = {name: choices[0] for name, choices in RULE_OPTIONS.items()}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import Sample, act, capability_problem, cases, check_sample, param, randn
+from harness import Prepared, Sample, act, capability_problem, cases, check_sample, param, randn
 
 from fxstream.rules import RULES
 from fxstream.rules.registry import RuleCall
@@ -119,6 +119,29 @@ def test_variance_gemms_block_by_block_give_the_same_moments(sample: Sample, mon
     monkeypatch.setattr(weights, "BLOCKED_ABOVE_ELEMENTS", 0)
     monkeypatch.setattr(weights, "OUTPUT_BLOCK_ELEMENTS", 8)  # 2 rows of a 4-wide weight per block
     check_sample(sample, "diag")
+
+
+#: layers x @ W (+ b) with an uncertain input: the last layer before an output under output_cov="diag"
+DIAGONAL_OUTPUT = [s for s in SAMPLES if s.id in ("aten.linear.default-all-uncertain", "aten.linear.default-input-only",
+                                                  "aten.linear.default-tokens", "aten.addmm.default-scaled",
+                                                  "aten.mm.default", "aten.matmul.default-weight",
+                                                  "aten.addmm.default-activation-added")]
+
+
+@pytest.mark.parametrize("sample", DIAGONAL_OUTPUT, ids=lambda s: s.id)
+@pytest.mark.parametrize("blocked", [False, True])
+def test_a_layer_gives_the_variances_of_a_full_input_covariance(sample: Sample, blocked: bool, monkeypatch) -> None:
+    """output_cov="diag": fed a full input covariance, the layer returns the diagonal of the exact output
+    covariance (jacrev sandwich plus the weight's second-order term), never forming it (whole or by blocks)."""
+    from fxstream.rules import weights
+
+    if blocked:
+        monkeypatch.setattr(weights, "BLOCKED_ABOVE_ELEMENTS", 0)
+        monkeypatch.setattr(weights, "OUTPUT_BLOCK_ELEMENTS", 8)
+    prepared = Prepared(sample)
+    var = prepared.rule_call("diag", activations="full")
+    expected = prepared.oracle("full")[0].diagonal().reshape(prepared.out.shape)
+    torch.testing.assert_close(var, expected, rtol=1e-10, atol=1e-14)
 
 
 def test_variance_gemms_block_by_block_when_traced_for_a_cpu(monkeypatch) -> None:
