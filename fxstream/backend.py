@@ -146,6 +146,8 @@ def compile_streamlined(gm: torch.fx.GraphModule, example_inputs: list, options:
     if options.rule_options.get("residual") == "linearised":
         _report_residual_joins(captured, rewritten.paired, options)
     _report_correlated_parameters(rewritten.paired)
+    if options.rule_options.get("joins") == "exact":
+        _report_shared_parameters(captured, rewritten.paired)
     _report_idle_options(rewritten.paired, options)
     lowered = lower(rewritten.paired)
     streamlined = Streamlined(captured, rewritten.paired, rewritten.report, options, lowered,
@@ -165,6 +167,23 @@ def _report_correlated_parameters(paired: PairedGraph) -> None:
             f"({', '.join(modules[:4])}{', ...' if len(modules) > 4 else ''}): each entry keeps its variance, "
             "but the correlation between the copies is dropped. Leave those parameters out of the posterior "
             "if that matters for your use.", FxstreamWarning, stacklevel=2)
+
+
+def _report_shared_parameters(captured: CapturedGraph, paired: PairedGraph) -> None:
+    """Warn where joins="exact" meets an uncertain parameter read by more than one op (tied embeddings):
+    parameters are taken as independent of the activations they produced, so that join stays independent."""
+    sources = {node.meta["fxstream"]["of"] for node in paired.graph_module.graph.nodes
+               if node.meta.get("fxstream", {}).get("rule") == "source"}
+    graph = {node.name: node for node in captured.graph_module.graph.find_nodes(op="placeholder")}
+    shared = sorted(p.qualified_name for p in captured.placeholders
+                    if p.role == "parameter" and p.name in sources and len(graph[p.name].users) > 1)
+    if shared:
+        warnings.warn(
+            f"joins='exact' takes parameters as independent of the activations computed from them, but "
+            f"{', '.join(shared)} {'is' if len(shared) == 1 else 'are'} read by more than one op (tied weights): "
+            "the covariance between those reads is dropped, so the predictive is not J Sigma J^T there. "
+            "Leave the parameter out of the posterior (or untie it) where that matters.",
+            FxstreamWarning, stacklevel=2)
 
 
 # The ops whose covariance the "attention" and "norm" rule options change (the eager attention's softmax and a
