@@ -45,7 +45,8 @@ from torch import nn
 import fxstream
 from fxstream.api import select_output
 from fxstream.planner.measure import profiler_peak
-from fxstream.zoo.harness import MonteCarlo, diagonal_variances, median_ratio, relative_errors, relative_posterior
+from fxstream.zoo.harness import (LinearisedMonteCarlo, MonteCarlo, diagonal_variances, median_ratio, relative_errors,
+                                  relative_posterior)
 
 DTYPE = torch.float64
 #: full activation covariance only where no activation of a sample is larger (its covariance: 12,288^2 entries,
@@ -206,8 +207,28 @@ def largest_activation(case: Case) -> int:
     return max(t[0].numel() for t in seen if t is not output)
 
 
-def run_case(name: str, case: Case, settings: list[str], samples: int, repeats: int, clock: str) -> list[list]:
-    """One row per setting: errors against Monte Carlo, time and peak memory over the deterministic forward."""
+def glm_variances(case: Case, draws: int) -> torch.Tensor:
+    """The linearised (GLM) predictive's variances, J Sigma J^T, sampled by one JVP per weight draw
+    (``LinearisedMonteCarlo``). A Hugging Face model runs its eager attention meanwhile: forward-mode AD
+    does not reach the CPU's fused attention kernel."""
+    model = case.model
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attention not in (None, "eager"):
+        model.set_attn_implementation("eager")
+    try:
+        glm = LinearisedMonteCarlo(model, case.args, case.kwargs, diagonal_variances(case.posterior),
+                                   output=case.output, seed=1)
+        glm.run(draws)
+    finally:
+        if attention not in (None, "eager"):
+            model.set_attn_implementation(attention)
+    return glm.variance()
+
+
+def run_case(name: str, case: Case, settings: list[str], samples: int, repeats: int, clock: str,
+             glm_draws: int = 0) -> list[list]:
+    """One row per setting: errors against Monte Carlo, time and peak memory over the deterministic forward;
+    with ``glm_draws``, a row for the sampled linearised predictive (its error is the linearisation's)."""
     model, args, kwargs = case.model, case.args, case.kwargs
     full_ok = largest_activation(case) <= FULL_LIMIT
     calls: dict[str, Callable] = {"deterministic": lambda: select_output(model(*args, **kwargs), case.output)}
@@ -240,6 +261,11 @@ def run_case(name: str, case: Case, settings: list[str], samples: int, repeats: 
         rows.append([name, label, f"{median:.3f}", f"{p90:.3f}", f"{median_ratio(variances[label], reference):.2f}",
                      f"{seconds[label] / seconds['deterministic']:.2f}x",
                      f"{peaks[label] / max(peaks['deterministic'], 1):.1f}x", f"{rse:.3f}"])
+    if glm_draws:
+        glm = glm_variances(case, glm_draws)
+        median, p90 = relative_errors(glm, reference)
+        rows.append([name, f"GLM, sampled ({glm_draws} JVP draws)", f"{median:.3f}", f"{p90:.3f}",
+                     f"{median_ratio(glm, reference):.2f}", "", "", f"{rse:.3f}"])
     return rows
 
 
@@ -253,6 +279,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10_000, help="Monte Carlo draws per model")
     parser.add_argument("--pretrained-samples", type=int, default=2000, help="draws for MiniLM and SmolLM2")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--glm-draws", type=int, default=0,
+                        help="also sample the linearised (GLM) predictive with this many JVP draws: a row whose "
+                             "error against Monte Carlo is the linearisation's, not the rules'")
     parser.add_argument("--quick", action="store_true",
                         help="gpt2 and the residual CNN, diagonal settings, 400 draws, 2 rounds")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -273,7 +302,7 @@ def main() -> None:
             continue
         notes.append(f"- {name}: {case.note}")
         samples = args.pretrained_samples if name in PRETRAINED else args.samples
-        for row in run_case(name, case, args.settings, samples, args.repeats, args.clock):
+        for row in run_case(name, case, args.settings, samples, args.repeats, args.clock, args.glm_draws):
             rows.append(row)
             print(tabulate([row], tablefmt="plain"), flush=True)
         del case

@@ -188,7 +188,8 @@ def test_output_variances_are_the_full_outputs_diagonal(case: str, from_layer: b
     posterior = fxstream.Diagonal(var)
     if case == "kron-head":
         weight = dict(model.named_parameters())[f"{head}.weight"]
-        factors = (1e-2 * torch.eye(weight.shape[0], dtype=DTYPE) + 1e-3, 1e-1 * torch.eye(weight.shape[1], dtype=DTYPE))
+        factors = (1e-2 * torch.eye(weight.shape[0], dtype=DTYPE) + 1e-3,
+                   1e-1 * torch.eye(weight.shape[1], dtype=DTYPE))
         posterior = fxstream.Mixed(fxstream.Diagonal({n: v for n, v in var.items() if n != f"{head}.weight"}),
                                    fxstream.KFAC({f"{head}.weight": factors}))
     options = dict(FIRST_ORDER, products="moments", joins="exact", backend="eager")

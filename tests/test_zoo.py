@@ -38,7 +38,7 @@ import pytest
 import torch
 
 import fxstream
-from fxstream.zoo import MonteCarlo, check, check_many, relative_errors, relative_posterior
+from fxstream.zoo import LinearisedMonteCarlo, MonteCarlo, check, check_many, relative_errors, relative_posterior
 from fxstream.zoo.catalogue import QUICK, Entry, catalogue
 from fxstream.zoo.run import POSTERIORS, ZooRow, evaluate
 
@@ -112,6 +112,34 @@ def test_monte_carlo_matches_a_closed_form():
     result = check(layer, x, posterior, samples=4000, backend="eager")
     assert result.means_exact and result.variances_valid
     assert result.median_error <= median_bound and result.p90_error <= p90_bound
+
+
+def test_linearised_monte_carlo_samples_the_glm_predictive():
+    """Through a layer, linear in its parameters, the same draws give Monte Carlo's variances to rounding;
+    through a tanh network, J Sigma J^T (jacrev) within Monte Carlo's error, where Monte Carlo differs."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 3).double().eval()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    v = relative_posterior(layer, rel_std=0.1).variances
+    sampled, linearised = MonteCarlo(layer, (x,), {}, v, seed=1), LinearisedMonteCarlo(layer, (x,), {}, v, seed=1)
+    sampled.run(500)
+    linearised.run(500)
+    torch.testing.assert_close(linearised.variance(), sampled.variance(), rtol=1e-9, atol=0)
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double().eval()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    v = relative_posterior(model, rel_std=2.0).variances  # broad: Monte Carlo leaves the linearisation
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    jac = torch.func.jacrev(lambda p: torch.func.functional_call(model, {**params, **p}, (x,)))(params)
+    glm = sum(j.reshape(*j.shape[:2], -1).square() @ v[n].reshape(-1) for n, j in jac.items())
+    linearised = LinearisedMonteCarlo(model, (x,), {}, v, seed=2)
+    linearised.run(4000)
+    median, p90 = relative_errors(linearised.variance(), glm)
+    median_bound, p90_bound = mc_bounds(4000)
+    assert median <= median_bound and p90 <= p90_bound
+    sampled = MonteCarlo(model, (x,), {}, v, seed=2)
+    sampled.run(4000)
+    assert relative_errors(sampled.variance(), glm)[0] > 2 * median_bound  # nonlinear: GLM is not MC here
 
 
 def test_check_many_keeps_each_posteriors_error():

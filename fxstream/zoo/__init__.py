@@ -9,6 +9,7 @@ builds the zoo's models from torchvision, timm and Hugging Face transformers
 """
 
 from .harness import (
+    LinearisedMonteCarlo,
     MonteCarlo,
     ZooResult,
     check,
@@ -21,6 +22,7 @@ from .harness import (
 )
 
 __all__ = [
+    "LinearisedMonteCarlo",
     "MonteCarlo",
     "ZooResult",
     "check",

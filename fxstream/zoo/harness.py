@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.func import functional_call, vmap
+from torch.func import functional_call, jvp, vmap
 
 from ..api import select_output
 from ..backend import StreamlineOptions, compile_streamlined, predictive
@@ -249,6 +249,23 @@ class MonteCarlo:
     def variance(self) -> torch.Tensor:
         mean = self.total / self.count
         return (self.square - self.count * mean.square()) / (self.count - 1)
+
+
+class LinearisedMonteCarlo(MonteCarlo):
+    """Monte Carlo over the network linearised at the posterior mean, f(mu) + J (theta - mu).
+
+    Its output variance is the linearised (GLM) predictive's, J Sigma J^T,
+    sampled by one JVP per draw (no Jacobian is formed). Beside
+    :class:`MonteCarlo` it splits a gap to Monte Carlo into the
+    linearisation's share (this against Monte Carlo) and the rules' (a
+    streamlined model against this). Forward-mode AD must reach every op:
+    PyTorch has none for the CPU's fused attention kernels, so run a
+    Hugging Face model with ``attn_implementation="eager"``.
+    """
+
+    def _forward(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        tangents = {name: params[name] - mean for name, mean in self.means.items()}
+        return jvp(lambda p: super(LinearisedMonteCarlo, self)._forward(p), (self.means,), (tangents,))[1]
 
 
 def check(model: torch.nn.Module, example_inputs: tuple | torch.Tensor, posterior: Posterior, *,
