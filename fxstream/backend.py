@@ -197,7 +197,11 @@ _OPTION_RULES = {"norm": {"rms_norm_linearised"}}
 
 def _report_idle_options(paired: PairedGraph, options: StreamlineOptions) -> None:
     """Warn where attention= or norm= was set away from its default but no op of the graph it covers carries
-    covariance, so the choice changes nothing (e.g. norm="linearised" on a model without layer norms)."""
+    covariance, so the choice changes nothing (e.g. norm="linearised" on a model without layer norms), and
+    where output_cov="diag" meets diagonal activations."""
+    if options.rule_options.get("output_cov") == "diag" and options.activation_cov == "diag":
+        warnings.warn("output_cov='diag' has no effect with activation_cov='diag': the outputs carry variances "
+                      "already", FxstreamWarning, stacklevel=2)
     graph = paired.graph_module.graph
     means = {node.name: node for node in graph.nodes}
     tags = [node.meta["fxstream"] for node in graph.nodes if node.meta.get("fxstream", {}).get("role") == "cov"]

@@ -274,3 +274,10 @@ def test_an_attention_or_norm_option_that_covers_no_op_warns() -> None:
     assert _fxstream_warnings(normed, norm="linearised") == []
     assert _fxstream_warnings(rms, norm="linearised") == []
     assert _fxstream_warnings(mlp) == []
+
+
+def test_output_variances_asked_of_diagonal_activations_warn() -> None:
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    assert [m.split(":")[0] for m in _fxstream_warnings(mlp, output_cov="diag")] == \
+        ["output_cov='diag' has no effect with activation_cov='diag'"]
+    assert _fxstream_warnings(mlp, output_cov="diag", activation_cov="full") == []
