@@ -159,6 +159,21 @@ def test_exact_joins_equal_glm_on_transformers(name: str) -> None:
     assert not graph.paired.graph_module.graph.find_nodes(op="call_function", target=output_variances)
 
 
+def test_exact_joins_equal_glm_on_a_vit() -> None:
+    """Every ViT parameter Bayesian, the patch convolution, class token and position embeddings included:
+    the class token and the patches meet in the encoder's residual stream and attention."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                                    image_size=8, patch_size=4, num_labels=3)
+    model = transformers.ViTForImageClassification(config).to(DTYPE).eval()
+    x = torch.randn(2, 3, 8, 8, generator=seeded(2), dtype=DTYPE)
+    var = variances(model)
+    expected = parameter_oracle(model, var, x, output=lambda out: out.logits)
+    pred = fxstream.streamline(model, fxstream.Diagonal(var), backend="eager", joins="exact", **FIRST_ORDER)(x)
+    assert relative_error(pred.cov, expected) < 1e-12
+
+
 def test_a_tied_parameter_under_exact_joins_is_named_in_a_warning() -> None:
     """GPT-2's embedding is its head's weight: read twice, its two reads' covariance is not carried."""
     transformers = pytest.importorskip("transformers")
