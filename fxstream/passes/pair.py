@@ -226,11 +226,12 @@ class Pairing:
 
     def variances_suffice(self, layer: torch.fx.Node) -> bool:
         """Whether a layer's output variances need no more of its input's full covariance than each row's
-        block: no uncertain activation added, a weight that is no activation, and whose posterior meets
-        E[x x^T] through its diagonal only (a diagonal one) or not at all (products="linearised")."""
+        block: under exact joins no uncertain activation added (its cross terms with x come from joined()),
+        a weight that is no activation, and whose posterior meets E[x x^T] through its diagonal only (a
+        diagonal one) or not at all (products="linearised")."""
         _, weight_at, added_at = OPERANDS[layer.target]
         added = layer.args[added_at] if added_at is not None and added_at < len(layer.args) else None
-        if self.kind.get(added) in ACTIVATION_STRUCTURES:  # its cross terms with x would need joined()
+        if self.crosses is not None and self.kind.get(added) in ACTIVATION_STRUCTURES:
             return False
         weight = self.kind.get(layer.args[weight_at])
         return weight is None or weight == "param_diag" or (

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .residual import Chain, ConvChain, Diagonal, Form, NotCarried, ResidualBranch, _branch, _branch_module, _carried, _rows
+from .residual import (Chain, ConvChain, Diagonal, Form, NotCarried, ResidualBranch, _branch, _branch_module, _carried,
+                       _rows, same_shape)
 
 aten = torch.ops.aten
 
@@ -117,7 +117,7 @@ def product_joins(graph: torch.fx.Graph, held: set[torch.fx.Node], norm: str) ->
         first, second = node.args
         if not all(isinstance(f, torch.fx.Node) and isinstance(f.meta.get("val"), torch.Tensor) for f in (first, second)):
             continue
-        if not _same_shape(first.meta["val"].shape, second.meta["val"].shape) or first is second:
+        if not same_shape(first.meta["val"].shape, second.meta["val"].shape) or first is second:
             continue
         common = ancestors[first] & ancestors[second]
         if not common:
@@ -127,12 +127,6 @@ def product_joins(graph: torch.fx.Graph, held: set[torch.fx.Node], norm: str) ->
         if isinstance(join, ProductJoin):
             found[node] = join
     return found
-
-
-def _same_shape(first: torch.Size, second: torch.Size) -> bool:
-    """Whether two shapes are provably equal, read without adding a guard on symbolic sizes (a plain
-    comparison would specialise the capture wherever it cannot decide)."""
-    return len(first) == len(second) and all(statically_known_true(a == b) for a, b in zip(first, second))
 
 
 def _build_product(fork: torch.fx.Node, factors: tuple[torch.fx.Node, torch.fx.Node], held, norm: str) -> ProductJoin | str:

@@ -59,6 +59,7 @@ from typing import Union
 import torch
 import torch.fx
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.node import map_aggregate
 
 from .attention import attention_probabilities
@@ -716,11 +717,17 @@ def _branch(fork: torch.fx.Node, out: torch.fx.Node) -> list[torch.fx.Node] | No
     return [n for n in out.graph.nodes if n in on_path]
 
 
+def same_shape(first: torch.Size, second: torch.Size) -> bool:
+    """Whether two shapes are provably equal, read without adding a guard on symbolic sizes (a plain
+    comparison would specialise the capture wherever it cannot decide)."""
+    return len(first) == len(second) and all(statically_known_true(a == b) for a, b in zip(first, second))
+
+
 def _build(fork, nodes, held, norm, sign, attention: str = "paper") -> ResidualJoin | str:
     """The join of ``fork`` and the branch ``nodes``, or why the branch cannot be carried."""
     if fork.meta.get("val") is None or nodes[-1].meta.get("val") is None:
         return "no example values"
-    if tuple(fork.meta["val"].shape) != tuple(nodes[-1].meta["val"].shape):
+    if not same_shape(fork.meta["val"].shape, nodes[-1].meta["val"].shape):
         return "a branch whose output is not its input's shape"
     inputs = [fork]
     branch = _branch_module(fork, nodes, inputs, held, norm, attention)
