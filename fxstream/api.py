@@ -312,8 +312,9 @@ def streamline(
             as independent, as the paper does. "exact" (needs activation_cov="full") carries
             every activation's cross-covariance with the activations still to be read and adds
             it where they meet: with the "linearised" options the predictive is then J Sigma J^T
-            for any architecture (parameters read twice, such as tied embeddings, excepted: a warning
-            names them).
+            for any architecture. A parameter read by more than one op (tied embeddings, ALBERT's
+            shared layers) is a fork too, its covariance formed dense (N^2 for N entries): meant for
+            small tied parameters; a tie it cannot carry is named in a warning.
             Costs a cross-covariance per pair of live activations (a residual stream and the
             block's current tensor: about 2-4x the full pass).
         gates: "independent" treats the two factors of a product computed from one tensor (SwiGLU's

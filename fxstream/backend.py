@@ -19,6 +19,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import FxstreamError, FxstreamWarning, NoPredictiveError
 from .passes import CapturedGraph, PairedGraph, PruneReport, capture, compile_graph
+from .passes.joins import ROLE
 from .pipeline import lower, rewrite
 from .posterior import Posterior
 from .predictive import Predictive
@@ -170,20 +171,18 @@ def _report_correlated_parameters(paired: PairedGraph) -> None:
 
 
 def _report_shared_parameters(captured: CapturedGraph, paired: PairedGraph) -> None:
-    """Warn where joins="exact" meets an uncertain parameter read by more than one op (tied embeddings):
-    parameters are taken as independent of the activations they produced, so that join stays independent."""
-    sources = {node.meta["fxstream"]["of"] for node in paired.graph_module.graph.nodes
-               if node.meta.get("fxstream", {}).get("rule") == "source"}
-    graph = {node.name: node for node in captured.graph_module.graph.find_nodes(op="placeholder")}
-    shared = sorted(p.qualified_name for p in captured.placeholders
-                    if p.role == "parameter" and p.name in sources and len(graph[p.name].users) > 1)
-    if shared:
+    """Warn where joins="exact" could not carry the covariance between two reads of one uncertain parameter
+    (tied weights; see passes/joins.py), naming the parameter and why."""
+    names = {p.name: p.qualified_name for p in captured.placeholders}
+    dropped = [f"{names.get(node.name, node.name)} ({node.meta[ROLE]['reason']})"
+               for node in paired.graph_module.graph.find_nodes(op="placeholder")
+               if node.meta.get(ROLE, {}).get("tie") == "dropped"]
+    if dropped:
         warnings.warn(
-            f"joins='exact' takes parameters as independent of the activations computed from them, but "
-            f"{', '.join(shared)} {'is' if len(shared) == 1 else 'are'} read by more than one op (tied weights): "
-            "the covariance between those reads is dropped, so the predictive is not J Sigma J^T there. "
-            "Leave the parameter out of the posterior (or untie it) where that matters.",
-            FxstreamWarning, stacklevel=2)
+            f"joins='exact' carries the covariance between the reads of a parameter read by more than one op "
+            f"(tied weights), but not for {', '.join(dropped)}: that covariance is dropped there, so the "
+            "predictive is not J Sigma J^T. Leave the parameter out of the posterior (or untie it) where that "
+            "matters.", FxstreamWarning, stacklevel=2)
 
 
 # The ops whose covariance the "attention" and "norm" rule options change (the eager attention's softmax and a

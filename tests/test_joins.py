@@ -87,15 +87,16 @@ def variances(model: nn.Module, scale: float = 1e-3) -> dict[str, torch.Tensor]:
 
 
 def parameter_oracle(model: nn.Module, var: dict, x, output=lambda out: out) -> torch.Tensor:
-    """Per-sample J Sigma J^T (B, N, N), J = d f(x) / d theta over the parameters in ``var``."""
+    """Per-sample J Sigma J^T (B, N, N), J = d f(x) / d theta over the parameters in ``var``: each a
+    variance per entry (the parameter's shape) or a covariance (n, n) over its row-major entries."""
     params = {n: p.detach() for n, p in model.named_parameters()}
 
     def f(chosen):
         return output(functional_call(model, {**params, **chosen}, (x,))).reshape(-1)
 
     jac = jacrev(f)({n: params[n] for n in var})
-    dense = sum(j.reshape(j.shape[0], -1) * var[n].reshape(1, -1) @ j.reshape(j.shape[0], -1).T
-                for n, j in jac.items())
+    covariances = {n: c if c.shape != params[n].shape else torch.diag_embed(c.reshape(-1)) for n, c in var.items()}
+    dense = sum(j.reshape(j.shape[0], -1) @ covariances[n] @ j.reshape(j.shape[0], -1).T for n, j in jac.items())
     batch = x.shape[0]
     n = dense.shape[0] // batch
     return dense.reshape(batch, n, batch, n).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
@@ -140,7 +141,7 @@ def test_exact_joins_equal_glm_on_transformers(name: str) -> None:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=1, **common))
     model = model.to(DTYPE).eval()
     x = torch.randint(0, 11, (2, 5), generator=seeded(2))
-    var = {n: v for n, v in variances(model).items() if "wte" not in n}  # GPT-2 ties it to the head: read twice
+    var = variances(model)  # GPT-2's embedding is its head's weight too: a parameter read twice
     expected = parameter_oracle(model, var, x, output=lambda out: out.logits)
     streamlined = fxstream.streamline(model, fxstream.Diagonal(var), backend="eager", joins="exact", **FIRST_ORDER)
     pred = streamlined(x)
@@ -154,9 +155,10 @@ def test_exact_joins_equal_glm_on_transformers(name: str) -> None:
     pred = variances_only(x)
     assert pred.cov is None
     assert relative_error(pred.var, expected.diagonal(dim1=-2, dim2=-1)) < (1e-12 if name == "gpt2" else 1e-6)
-    (graph,) = variances_only.graphs  # the head's rule made the variances from its input's full covariance
-    assert graph.paired.cov_kinds == ["diag"]
-    assert not graph.paired.graph_module.graph.find_nodes(op="call_function", target=output_variances)
+    (graph,) = variances_only.graphs  # the head's rule made the variances from its input's full covariance,
+    assert graph.paired.cov_kinds == ["diag"]  # but for GPT-2's tied head: its cross terms need the full output
+    fallback = graph.paired.graph_module.graph.find_nodes(op="call_function", target=output_variances)
+    assert bool(fallback) is (name == "gpt2")
 
 
 def test_exact_joins_equal_glm_on_a_vit() -> None:
@@ -174,16 +176,127 @@ def test_exact_joins_equal_glm_on_a_vit() -> None:
     assert relative_error(pred.cov, expected) < 1e-12
 
 
-def test_a_tied_parameter_under_exact_joins_is_named_in_a_warning() -> None:
-    """GPT-2's embedding is its head's weight: read twice, its two reads' covariance is not carried."""
+def test_exact_joins_equal_glm_on_albert_with_shared_layers() -> None:
+    """ALBERT reads one layer's weights in every layer, ties its embedding to the decoder and looks up one
+    token-type row at every position: parameters read more than once, all Bayesian. Token 0 is its padding
+    row, to which torch's embedding gives no gradient, so jacrev would miss that row's variance: the tokens
+    here start at 1."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=11,
-                                                                 n_positions=16)).to(DTYPE).eval()
-    streamlined = fxstream.streamline(model, fxstream.Diagonal(variances(model)), backend="eager", joins="exact",
-                                      **FIRST_ORDER)
-    with pytest.warns(fxstream.FxstreamWarning, match=r"transformer\.wte\.weight is read by more than one op"):
-        streamlined(torch.randint(0, 11, (2, 5), generator=seeded(2)))
+    config = transformers.AlbertConfig(vocab_size=11, embedding_size=4, hidden_size=8, num_hidden_layers=2,
+                                       num_attention_heads=2, intermediate_size=8, max_position_embeddings=8)
+    model = transformers.AlbertForMaskedLM(config).to(DTYPE).eval()
+    x = torch.randint(1, 11, (2, 4), generator=seeded(2))
+    var = variances(model)
+    expected = parameter_oracle(model, var, x, output=lambda out: out.logits)
+    pred = fxstream.streamline(model, fxstream.Diagonal(var), backend="eager", joins="exact", **FIRST_ORDER)(x)
+    assert relative_error(pred.cov, expected) < 1e-12
+
+
+class SharedLayer(nn.Module):
+    """One linear layer applied twice (weight and bias read twice), as ALBERT or a recurrent cell does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.shared(x))
+        return self.out(h + torch.tanh(self.shared(h)))
+
+
+def _shared_weight_posterior(kind: str, weight: torch.Tensor) -> tuple[fxstream.Posterior, torch.Tensor]:
+    """A posterior of the given kind on ``weight`` (4, 4), and its covariance (16, 16) from the kind's
+    definition (the oracle's own construction of it)."""
+    g = seeded(7)
+    spd = lambda n: (lambda a: 1e-2 * (a @ a.T / n + 0.1 * torch.eye(n, dtype=DTYPE)))(  # noqa: E731
+        torch.randn(n, n, generator=g, dtype=DTYPE))
+    if kind == "kfac":
+        out_factor, in_factor = spd(4), spd(4)
+        dense = torch.einsum("kl,ij->kilj", out_factor, in_factor).reshape(16, 16)  # Cov(W_ki, W_lj) = B_kl A_ij
+        return fxstream.KFAC({"shared.weight": (out_factor, in_factor)}), dense
+    if kind == "kfac-eig":
+        (l_out, q_out), (l_in, q_in) = torch.linalg.eigh(spd(4) * 100), torch.linalg.eigh(spd(4) * 100)
+        precision = 50.0 * torch.kron(q_out @ torch.diag(l_out) @ q_out.T, q_in @ torch.diag(l_in) @ q_in.T) \
+            + 20.0 * torch.eye(16, dtype=DTYPE)
+        return (fxstream.KFAC.from_eigen({"shared.weight": [(q_out, l_out), (q_in, l_in)]}, 20.0, 50.0),
+                torch.linalg.inv(precision))
+    if kind == "dense":
+        dense = spd(16)
+        return fxstream.Dense({"shared.weight": dense}, {"shared.weight": weight.shape}), dense
+    diagonal = 1e-3 * torch.rand(4, 4, generator=g, dtype=DTYPE)
+    factors = 3e-2 * torch.randn(2, 4, 4, generator=g, dtype=DTYPE)
+    dense = torch.diag_embed(diagonal.reshape(-1)) + sum(torch.outer(u.reshape(-1), u.reshape(-1)) for u in factors)
+    return fxstream.LowRank({"shared.weight": diagonal}, {"shared.weight": factors}), dense
+
+
+@pytest.mark.parametrize("kind", ["kfac", "kfac-eig", "dense", "lowrank"])
+def test_exact_joins_carry_a_shared_weight_of_any_posterior_kind(kind: str) -> None:
+    """The weight read twice is a fork: its covariance, formed dense from the posterior's structure, is
+    pushed through both reads, and the two reads' cross terms meet where the paths join."""
+    torch.manual_seed(0)
+    model = SharedLayer().to(DTYPE).eval()
+    x = torch.randn(3, 4, generator=seeded(1), dtype=DTYPE)
+    posterior, dense = _shared_weight_posterior(kind, model.shared.weight)
+    bias = {"shared.bias": 1e-3 * torch.ones(4, dtype=DTYPE)}
+    expected = parameter_oracle(model, {"shared.weight": dense, **bias}, x)
+    exact = fxstream.streamline(model, fxstream.Mixed(posterior, fxstream.Diagonal(bias)), backend="eager",
+                                joins="exact", **FIRST_ORDER)
+    pred = exact(x)
+    assert relative_error(pred.cov, expected) < 1e-12
+    (graph,) = exact.graphs
+    ties = [node for node in graph.paired.graph_module.graph.find_nodes(op="placeholder")
+            if node.meta["fxstream"].get("tie") == "carried"]
+    assert len(ties) == 2  # the weight and the bias
+
+
+class TiedTransposed(nn.Module):
+    """A head that reads the embedding table through a transpose (x @ E^T): a tie the pass cannot carry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.embed(ids)) @ self.embed.weight.t()
+
+
+def test_a_tie_that_exact_joins_cannot_carry_is_named_in_a_warning() -> None:
+    """A read through an op that transforms the parameter before it meets data drops the covariance between
+    the reads: the warning names the parameter and the op; the result is then not J Sigma J^T."""
+    torch.manual_seed(0)
+    model = TiedTransposed().to(DTYPE).eval()
+    x = torch.randint(0, 7, (2, 3), generator=seeded(2))
+    var = variances(model)
+    streamlined = fxstream.streamline(model, fxstream.Diagonal(var), backend="eager", joins="exact", **FIRST_ORDER)
+    with pytest.warns(fxstream.FxstreamWarning, match=r"embed\.weight \(.*applies aten\.t\.default to it"):
+        pred = streamlined(x)
+    assert relative_error(pred.cov, parameter_oracle(model, var, x)) > 1e-3
+
+
+class TokenTypes(nn.Module):
+    """BERT's embeddings: a token-type table looked up by a constant index (all 0) at every position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words, self.types, self.out = nn.Embedding(7, 4), nn.Embedding(2, 4), nn.Linear(4, 3)
+        self.register_buffer("type_ids", torch.zeros(1, 8, dtype=torch.long))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        types = self.type_ids[:, :ids.shape[1]].expand(ids.shape[0], -1)
+        return self.out(torch.tanh(self.words(ids) + self.types(types)))
+
+
+def test_a_table_read_at_every_position_correlates_the_positions() -> None:
+    """Every position reads the same token-type row, so in full mode its entries are one random vector
+    repeated: the lookup's output is an activation, whose rule keeps that, not a parameter of independent
+    entries. No join here: the independent first-order setting is already J Sigma J^T."""
+    torch.manual_seed(0)
+    model = TokenTypes().to(DTYPE).eval()
+    x = torch.randint(0, 7, (2, 5), generator=seeded(2))
+    var = {"types.weight": 1e-2 * torch.ones(2, 4, dtype=DTYPE)}
+    pred = fxstream.streamline(model, fxstream.Diagonal(var), backend="eager", **FIRST_ORDER)(x)
+    assert relative_error(pred.cov, parameter_oracle(model, var, x)) < 1e-12
 
 
 @pytest.mark.parametrize("case, from_layer", [("diagonal-head", True), ("kron-head", False),
@@ -252,15 +365,17 @@ def test_exact_joins_need_full_activations() -> None:
         fxstream.streamline(model, fxstream.Diagonal(variances(model)), backend="eager", joins="exact")
 
 
-def test_planner_costs_the_cross_covariances() -> None:
-    """The cost model's peak for a joins="exact" graph (cross-covariances of shape (B, N_t, N_u)) equals the
-    allocator's, off the sizes it was fitted at (1%: exact on CPU, as for the other structures)."""
+@pytest.mark.parametrize("make", [ResidualMLP, SharedLayer], ids=["residual-mlp", "shared-layer"])
+def test_planner_costs_the_cross_covariances(make) -> None:
+    """The cost model's peak for a joins="exact" graph (cross-covariances of shape (B, N_t, N_u), with a
+    parameter read twice (N, N) and (B, N_t, N)) equals the allocator's, off the sizes it was fitted at
+    (1%: exact on CPU, as for the other structures)."""
     from fxstream.planner import cost_report
     from fxstream.planner.measure import profiler_peak
     from fxstream.planner.symbolic import capture_symbolic
 
     torch.manual_seed(0)
-    model = ResidualMLP().eval()
+    model = make().eval()
     sym = capture_symbolic(model, (torch.randn(4, 4),), {(0, 0): "batch"})
     options = fxstream.StreamlineOptions(posterior=fxstream.Diagonal({n: torch.full_like(p, 1e-3) for n, p in
                                                                       model.named_parameters()}),

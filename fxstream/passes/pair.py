@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.node import map_aggregate
 
 from ..errors import CaptureError, FxstreamError
@@ -139,7 +140,7 @@ class Pairing:
         self.kind: dict[torch.fx.Node, object] = {}
         self.data_dependent: set[torch.fx.Node] = set()
         self.input_names = {p.name for p in captured.inputs()}
-        self.crosses = CrossCovariances(self.graph, self.mean, self.cov, self.kind, self.options) \
+        self.crosses = CrossCovariances(self.graph, self.mean, self.cov, self.kind, self.options, self.data_dependent) \
             if self.options["joins"] == "exact" and structure == "full" else None
         if self.crosses is not None:  # the cross-covariances make every join exact; no pattern needed
             self.joins, self.rms, self.residuals, self.gates = {}, {}, {}, {}
@@ -208,7 +209,13 @@ class Pairing:
         if node.target is operator.getitem:
             self.getitem(node)
             return
+        if self.per_sample_lookup(node):
+            self.data_dependent.add(node)
         out_structure = self.structure if node in self.data_dependent else _param_kind(uncertain, self.kind)
+        if self.crosses is not None and out_structure.startswith("param"):
+            for parameter in self.crosses.tied.keys() & set(uncertain):
+                self.crosses.drop_tie(parameter, f"{module_path(node)} applies {node.target} to it before it "
+                                                 "meets data")
         if node in self.layer_chains and self.variances_suffice(node):
             self.variance_only |= self.layer_chains[node]
         if node in self.variance_only:
@@ -224,14 +231,25 @@ class Pairing:
         if self.crosses is not None and out_structure == "full" and not isinstance(node.meta.get("val"), (list, tuple)):
             self.cov[node] = self.crosses.joined(node, self.cov[node])
 
+    def per_sample_lookup(self, node: torch.fx.Node) -> bool:
+        """A full-mode lookup of a table by indices of the batch's leading size (BERT's token types, all 0):
+        the positions of one sample may read one row, so its output is an activation, whose rule keeps their
+        correlation (a parameter's entries count as independent). Position ids (1, T) read distinct rows."""
+        if self.structure != "full" or node.target is not torch.ops.aten.embedding.default or self.first_input is None:
+            return False
+        indices, example = node.args[1].meta.get("val"), self.first_input.meta.get("val")
+        return isinstance(indices, torch.Tensor) and isinstance(example, torch.Tensor) and indices.dim() > 0 \
+            and example.dim() > 0 and statically_known_true(indices.shape[0] == example.shape[0])
+
     def variances_suffice(self, layer: torch.fx.Node) -> bool:
         """Whether a layer's output variances need no more of its input's full covariance than each row's
-        block: under exact joins no uncertain activation added (its cross terms with x come from joined()),
-        a weight that is no activation, and whose posterior meets E[x x^T] through its diagonal only (a
-        diagonal one) or not at all (products="linearised")."""
+        block: under exact joins no uncertain activation added and no weight read elsewhere too (their cross
+        terms with x come from joined()), a weight that is no activation, and whose posterior meets E[x x^T]
+        through its diagonal only (a diagonal one) or not at all (products="linearised")."""
         _, weight_at, added_at = OPERANDS[layer.target]
         added = layer.args[added_at] if added_at is not None and added_at < len(layer.args) else None
-        if self.crosses is not None and self.kind.get(added) in ACTIVATION_STRUCTURES:
+        if self.crosses is not None and (self.kind.get(added) in ACTIVATION_STRUCTURES
+                                         or layer.args[weight_at] in self.crosses.tied):
             return False
         weight = self.kind.get(layer.args[weight_at])
         return weight is None or weight == "param_diag" or (

@@ -45,6 +45,7 @@ import torch
 import torch.fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..passes.joins import TIED
 from ..passes.pair import RULE_KINDS, RULE_KW_KINDS, RULE_STRUCTURE, ROLE, PairedGraph, input_covariance
 from .symbolic import SymbolicCapture
 
@@ -222,12 +223,15 @@ def node_costs(sym: SymbolicCapture, paired: PairedGraph) -> list[NodeCost]:
                                   base.name, False, reads, module=module))
             continue
         value = mean_node.meta.get("val") if mean_node is not None else None
-        if structure.startswith("param"):
+        if structure == TIED:  # a parameter read twice, its covariance dense under joins="exact": (N, N)
+            nbytes = tensor_bytes(sym, value) * value.numel()
+        elif structure.startswith("param"):
             nbytes = tensor_bytes(sym, value)
-        elif "with" in info:  # a cross-covariance Cov(t, u) of joins="exact": (B, N_t, N_u)
+        elif "with" in info:  # a cross-covariance Cov(t, u) of joins="exact": (B, N_t, N_u), u maybe a parameter
             other = means[info["with"]].meta.get("val")
-            nbytes = sympy.expand(tensor_bytes(sym, value) * tensor_bytes(sym, other)
-                                  / (batch_expr(sym) * _itemsize(other)))
+            per_sample = other.numel() if info.get("with_parameter") else tensor_bytes(sym, other) / (
+                batch_expr(sym) * _itemsize(other))
+            nbytes = sympy.expand(tensor_bytes(sym, value) * per_sample)
         else:
             nbytes = covariance_bytes(sym, value, structure)
         costs.append(NodeCost(node.name, "cov", info.get("of", ""), rule, structure, nbytes, None, False, reads,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .linearise import linearised_full, noise_product_full, sandwich
-from .registry import RuleCall, register
+from .registry import RuleCall, arg_path, register, same_shape
 
 aten = torch.ops.aten
 
@@ -25,12 +25,26 @@ def _scalar(value) -> float:
     return float(value) if value is not None else 1.0
 
 
+def _sum_of_activations(call: RuleCall, alpha: float) -> torch.Tensor | None:
+    """C_x + alpha^2 C_y where every uncertain input is an activation of the output's shape (a residual add),
+    else None. Written out, not pushed through add's JVP, whose batching reads concrete sizes: a
+    lowered graph would be fixed to one batch size."""
+    total = None
+    for path, mean, cov, kind in call.uncertain():
+        if kind != "full" or not same_shape(mean.shape, call.out.shape):
+            return None
+        term = cov if path == arg_path(0) else alpha**2 * cov
+        total = term if total is None else total + term
+    return total
+
+
 @register(aten.add.Tensor, aten.sub.Tensor, aten.add.Scalar, aten.sub.Scalar, param_passthrough=True)
 def add(call: RuleCall) -> torch.Tensor:
     """x + alpha * y: variances add, scaled by alpha^2 (branches independent)."""
-    if call.structure == "full":
-        return linearised_full(call)
     alpha = _scalar(call.kwargs.get("alpha", call.args[2] if len(call.args) > 2 else None))
+    if call.structure == "full":
+        summed = _sum_of_activations(call, alpha)
+        return summed if summed is not None else linearised_full(call)
     out = call.out
     total = _var(call, 0) + alpha**2 * _var(call, 1)
     return torch.broadcast_to(total, out.shape)

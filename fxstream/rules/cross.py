@@ -20,6 +20,7 @@ J Sigma J^T, for any branching. Cross-covariances are per sample, (B, N_t, N_u).
 from __future__ import annotations
 
 import torch
+from torch.func import vmap
 
 from .linearise import push_forward
 from .registry import Path, RuleCall
@@ -32,9 +33,10 @@ def _call(op, args: tuple, kwargs: dict, out) -> RuleCall:
     return RuleCall(op, args, kwargs, (), {}, (), {}, out, "full")
 
 
-def _input_fn(call: RuleCall, path: Path, pick: Pick):
+def _input_fn(call: RuleCall, path: Path, pick: Pick, fixed: dict | None = None):
+    """The op as a function of its input at ``path``, the others at the means (or as ``fixed`` gives them)."""
     def fn(x: torch.Tensor) -> torch.Tensor:
-        out = call.call_with({path: x})
+        out = call.call_with({**(fixed or {}), path: x})
         return out if pick is None else out[pick]
 
     return fn
@@ -44,32 +46,53 @@ def _mean_at(call: RuleCall, path: Path) -> torch.Tensor:
     return dict(call.tensors())[path]
 
 
-def apply_jacobian(call: RuleCall, path: Path, pick: Pick, cross: torch.Tensor) -> torch.Tensor:
-    """J X for X = Cov(x, u) (B, N_x, N_u), J the Jacobian of the op's output in input ``path``: (B, N_t, N_u)."""
+def apply_jacobian(call: RuleCall, path: Path, pick: Pick, cross: torch.Tensor,
+                   per_sample: tuple[Path, ...] | None = None) -> torch.Tensor:
+    """J X for X = Cov(x, u), J the Jacobian of the op's output in input ``path``: (B, N_t, N_u).
+
+    For an activation x, X is per sample (B, N_x, N_u). For a parameter x (no batch dim) read by more
+    than one op, ``per_sample`` gives the paths of the op's inputs that carry the batch, and X is either
+    its own covariance (N_x, N_x), the same for every sample, or its covariance with sample b's u
+    (B, N_x, N_u), which meets sample b's Jacobian only: the op then runs once per sample (vmap).
+    """
     mean = _mean_at(call, path)
-    batch, n_u = cross.shape[0], cross.shape[-1]
-    columns = cross.permute(2, 0, 1).reshape(n_u, *mean.shape)
-    pushed = push_forward(_input_fn(call, path, pick), mean, columns)  # (N_u, *out)
-    return pushed.reshape(n_u, batch, -1).permute(1, 2, 0)
+    n_u = cross.shape[-1]
+    if per_sample is not None and cross.dim() == 3:
+        batch, tensors = cross.shape[0], dict(call.tensors())
+        samples = {p: tensors[p].reshape(batch, -1, *tensors[p].shape[1:]) for p in per_sample}  # (B, k, ...)
+
+        def one_sample(sample: dict, columns: torch.Tensor) -> torch.Tensor:
+            return push_forward(_input_fn(call, path, pick, sample), mean, columns)
+
+        pushed = vmap(one_sample)(samples, cross.transpose(1, 2).reshape(batch, n_u, *mean.shape))
+        return pushed.reshape(batch, n_u, -1).transpose(1, 2)
+    columns = cross.t() if cross.dim() == 2 else cross.permute(2, 0, 1)
+    pushed = push_forward(_input_fn(call, path, pick), mean, columns.reshape(n_u, *mean.shape))  # (N_u, *out)
+    return pushed.reshape(n_u, pushed.shape[1], -1).permute(1, 2, 0)
+
+
+Operand = tuple[Path, tuple[Path, ...] | None]
+"""An input's path in the op's arguments, and for a parameter the paths of the inputs that carry the batch
+(None for an activation)."""
 
 
 def cross_covariance(op, args: tuple, kwargs: dict, out, pick: Pick,
-                     terms: list[tuple[Path, torch.Tensor]]) -> torch.Tensor:
+                     terms: list[tuple[Operand, torch.Tensor]]) -> torch.Tensor:
     """Cov(t, u) = sum_i J_i Cov(x_i, u) over the op's inputs x_i correlated with u."""
     call = _call(op, args, kwargs, out)
     total = None
-    for path, cross in terms:
-        term = apply_jacobian(call, path, pick, cross)
+    for (path, per_sample), cross in terms:
+        term = apply_jacobian(call, path, pick, cross, per_sample)
         total = term if total is None else total + term
     return total
 
 
 def joint_terms(op, args: tuple, kwargs: dict, out, pick: Pick, cov: torch.Tensor,
-                pairs: list[tuple[Path, Path, torch.Tensor]]) -> torch.Tensor:
+                pairs: list[tuple[Operand, Operand, torch.Tensor]]) -> torch.Tensor:
     """The rule's covariance ``cov`` plus J_p Cov(x_p, x_q) J_q^T and its transpose for each correlated pair."""
     call = _call(op, args, kwargs, out)
-    for path_p, path_q, cross in pairs:
-        left = apply_jacobian(call, path_p, pick, cross)  # J_p X: (B, N_t, N_q)
-        term = apply_jacobian(call, path_q, pick, left.transpose(1, 2))  # J_q (J_p X)^T: (B, N_t, N_t)
+    for (path_p, per_sample_p), (path_q, per_sample_q), cross in pairs:
+        left = apply_jacobian(call, path_p, pick, cross, per_sample_p)  # J_p X: (B, N_t, N_q)
+        term = apply_jacobian(call, path_q, pick, left.transpose(1, 2), per_sample_q)  # J_q (J_p X)^T
         cov = cov + term + term.transpose(1, 2)
     return cov

@@ -24,7 +24,15 @@ def _deterministic_indices(call: RuleCall) -> str | None:
     return None
 
 
-@register(aten.embedding.default, param_passthrough=True, supports=_deterministic_indices)
+def embedding_math(weight: torch.Tensor, indices: torch.Tensor, *unused) -> torch.Tensor:
+    """The lookup as indexing, for forward-mode AD in the table: the kernel's own JVP, batched by vmap,
+    reads storage offsets, which a lowered graph's symbolic sizes do not have (exact joins push a
+    tied table's covariance through it). The remaining arguments change only the backward."""
+    return weight[indices]
+
+
+@register(aten.embedding.default, param_passthrough=True, supports=_deterministic_indices,
+          differentiable=embedding_math)
 def embedding(call: RuleCall) -> torch.Tensor:
     """The variances of the looked-up rows (same rows, same weights: correlated in full)."""
     if call.structure != "full":

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from .registry import same_shape
 from .residual import (Chain, ConvChain, Diagonal, Form, NotCarried, ResidualBranch, _branch, _branch_module, _carried,
-                       _rows, same_shape)
+                       _rows)
 
 aten = torch.ops.aten
 

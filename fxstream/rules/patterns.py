@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from .registry import same_shape
+
 aten = torch.ops.aten
 
 SOFTMAX = (aten.softmax.int, aten._softmax.default)
@@ -141,7 +143,7 @@ def _through_transparent(node: torch.fx.Node) -> torch.fx.Node:
 
 def _same_shape(a: torch.fx.Node, b: torch.fx.Node) -> bool:
     va, vb = a.meta.get("val"), b.meta.get("val")
-    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and same_shape(va.shape, vb.shape)
 
 
 def _is_call(node, *targets) -> bool:

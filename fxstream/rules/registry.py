@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch._ops import OpOverload
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 Path = tuple[tuple[str, Any], ...]
@@ -147,6 +148,12 @@ class RuleCall:
         rule = RULES.get(self.op)
         written_out = rule.differentiable if rule is not None else None
         return (written_out or self.op)(*args, **kwargs)
+
+
+def same_shape(first: torch.Size, second: torch.Size) -> bool:
+    """Whether two shapes are provably equal, read without adding a guard on symbolic sizes (a plain
+    comparison would specialise the capture wherever it cannot decide)."""
+    return len(first) == len(second) and all(statically_known_true(a == b) for a, b in zip(first, second))
 
 
 def arg_path(index: int) -> Path:

@@ -59,7 +59,6 @@ from typing import Union
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.node import map_aggregate
 
 from .attention import attention_probabilities
@@ -67,6 +66,7 @@ from .linearise import derivative
 from .norm import layer_statistics
 from .patterns import SOFTMAX, TRANSPARENT
 from .region import ELEMENTWISE_OPS, number_overload
+from .registry import same_shape
 
 aten = torch.ops.aten
 
@@ -715,12 +715,6 @@ def _branch(fork: torch.fx.Node, out: torch.fx.Node) -> list[torch.fx.Node] | No
             on_path.add(node)
             stack.extend(n for n in node.all_input_nodes if n in below)
     return [n for n in out.graph.nodes if n in on_path]
-
-
-def same_shape(first: torch.Size, second: torch.Size) -> bool:
-    """Whether two shapes are provably equal, read without adding a guard on symbolic sizes (a plain
-    comparison would specialise the capture wherever it cannot decide)."""
-    return len(first) == len(second) and all(statically_known_true(a == b) for a, b in zip(first, second))
 
 
 def _build(fork, nodes, held, norm, sign, attention: str = "paper") -> ResidualJoin | str:

@@ -153,6 +153,10 @@ def _diag_transpose(tensors: Tensors) -> Tensors:
     return (tensors[0].t(),)
 
 
+def _diag_dense(tensors: Tensors):
+    return torch.diag_embed(tensors[0].reshape(-1))
+
+
 # --- param_kfac: B (x) A ------------------------------------------------------
 
 def _kfac_diag(tensors: Tensors, x, vx, into=None):
@@ -178,6 +182,10 @@ def _kfac_marginal(tensors: Tensors):
 
 def _kfac_transpose(tensors: Tensors) -> Tensors:
     return tensors[1], tensors[0]
+
+
+def _kfac_dense(tensors: Tensors):
+    return torch.kron(tensors[0], tensors[1])
 
 
 # --- param_kfac_eig: W = M + Q_B W~ Q_A^T, W~ independent --------------------
@@ -215,6 +223,12 @@ def _eig_transpose(tensors: Tensors) -> Tensors:
     return q_in, q_out, v_rot.t()
 
 
+def _eig_dense(tensors: Tensors):
+    q_out, q_in, v_rot = tensors
+    rotation = torch.kron(q_out, q_in)
+    return (rotation * v_rot.reshape(-1)) @ rotation.t()
+
+
 # --- param_dense: C (Dout, Din, Dout, Din) ------------------------------------
 
 def _dense_diag(tensors: Tensors, x, vx, into=None):
@@ -234,14 +248,20 @@ def _dense_full(tensors: Tensors, x, s):
     return total
 
 
-def _dense_marginal(tensors: Tensors):
-    c = tensors[0]
-    n = c.shape[0] * c.shape[1] if c.dim() == 4 else c.shape[0]
-    return c.reshape(n, n).diagonal()
 
 
 def _dense_transpose(tensors: Tensors) -> Tensors:
     return (tensors[0].permute(1, 0, 3, 2),)
+
+
+def _dense_dense(tensors: Tensors):
+    c = tensors[0]
+    n = c.shape[0] * c.shape[1] if c.dim() == 4 else c.shape[0]
+    return c.reshape(n, n)
+
+
+def _dense_marginal(tensors: Tensors):
+    return _dense_dense(tensors).diagonal()
 
 
 # --- param_lowrank: diag(d) + U U^T -------------------------------------------
@@ -277,6 +297,12 @@ def _lowrank_transpose(tensors: Tensors) -> Tensors:
     return d.t(), u.transpose(1, 2)
 
 
+def _lowrank_dense(tensors: Tensors):
+    d, u = tensors
+    factors = u.reshape(u.shape[0], -1)
+    return torch.diag_embed(d.reshape(-1)) + factors.t() @ factors
+
+
 @dataclass(frozen=True)
 class WeightStructure:
     """How one posterior kind enters a linear map.
@@ -286,7 +312,9 @@ class WeightStructure:
     x, s)`` -> (B, L, Dout, L, Dout); ``marginal(tensors)`` -> the exact
     variance of each weight entry; ``transpose(tensors)`` -> the tensors of
     the transposed (Din, Dout) parameter, for ``x @ P`` with P stored that way
-    (None: not available). ``affine``: the tensors cover [W | b].
+    (None: not available). ``affine``: the tensors cover [W | b]. ``dense(tensors)`` -> the
+    (N, N) covariance of the parameter's N entries in row-major order (None: joint with a bias), for
+    a parameter that exact joins carry as a fork (read by more than one op).
     ``by_rows(tensors, x, vx)`` -> ``term(into, rows)``, the weight term of
     output rows ``rows`` (a slice) alone, for kinds whose term is a GEMM worth
     doing a block of rows at a time (None: the term is done whole).
@@ -298,14 +326,18 @@ class WeightStructure:
     transpose: Callable[[Tensors], Tensors] | None
     affine: bool = False
     by_rows: Callable | None = None
+    dense: Callable | None = None
 
 
 WEIGHT_STRUCTURES: dict[str, WeightStructure] = {
-    "param_diag": WeightStructure(_diag_diag, _diag_full, _diag_marginal, _diag_transpose, by_rows=_diag_by_rows),
-    "param_kfac": WeightStructure(_kfac_diag, _kfac_full, _kfac_marginal, _kfac_transpose),
-    "param_kfac_eig": WeightStructure(_eig_diag, _eig_full, _eig_marginal, _eig_transpose),
-    "param_dense": WeightStructure(_dense_diag, _dense_full, _dense_marginal, _dense_transpose),
-    "param_lowrank": WeightStructure(_lowrank_diag, _lowrank_full, _lowrank_marginal, _lowrank_transpose),
+    "param_diag": WeightStructure(_diag_diag, _diag_full, _diag_marginal, _diag_transpose, by_rows=_diag_by_rows,
+                                  dense=_diag_dense),
+    "param_kfac": WeightStructure(_kfac_diag, _kfac_full, _kfac_marginal, _kfac_transpose, dense=_kfac_dense),
+    "param_kfac_eig": WeightStructure(_eig_diag, _eig_full, _eig_marginal, _eig_transpose, dense=_eig_dense),
+    "param_dense": WeightStructure(_dense_diag, _dense_full, _dense_marginal, _dense_transpose,
+                                   dense=_dense_dense),
+    "param_lowrank": WeightStructure(_lowrank_diag, _lowrank_full, _lowrank_marginal, _lowrank_transpose,
+                                     dense=_lowrank_dense),
     "param_dense_affine": WeightStructure(_dense_diag, _dense_full, _dense_marginal, None, affine=True),
     "param_lowrank_affine": WeightStructure(_lowrank_diag, _lowrank_full, _lowrank_marginal, None, affine=True),
 }
@@ -383,6 +415,17 @@ def weight_full(kind: str, tensors: Tensors, x: torch.Tensor, s: torch.Tensor | 
 def transposed(kind: str, tensors: Tensors) -> Tensors:
     """The tensors of P^T for a parameter P (Din, Dout) used as ``x @ P``."""
     return _structure(kind).transpose(tensors)
+
+
+def has_dense(kind) -> bool:
+    """Whether a parameter posterior of this kind can be formed as one (N, N) covariance."""
+    structure = WEIGHT_STRUCTURES.get(kind) if isinstance(kind, str) else None
+    return structure is not None and structure.dense is not None
+
+
+def dense_covariance(kind: str, cov) -> torch.Tensor:
+    """The (N, N) covariance of a parameter's N entries (row-major), from its posterior's buffers."""
+    return _structure(kind).dense(as_tensors(cov))
 
 
 def as_tensors(cov) -> Tensors:
