@@ -15,6 +15,9 @@ add nothing), and adds at each op with correlated inputs x_p, x_q
 to the rule's covariance. Under first-order rules (products, norm and attention
 "linearised") every covariance is then the linearisation of the whole network,
 J Sigma J^T, for any branching. Cross-covariances are per sample, (B, N_t, N_u).
+A parameter read by more than one op is such a u too, with no batch dim: its
+own covariance (N, N) serves every sample, and its Jacobian meets each sample's
+columns separately.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ def apply_jacobian(call: RuleCall, path: Path, pick: Pick, cross: torch.Tensor,
     n_u = cross.shape[-1]
     if per_sample is not None and cross.dim() == 3:
         batch, tensors = cross.shape[0], dict(call.tensors())
-        samples = {p: tensors[p].reshape(batch, -1, *tensors[p].shape[1:]) for p in per_sample}  # (B, k, ...)
+        samples = {p: tensors[p].reshape(batch, -1, *tensors[p].shape[1:])  # (B, k, ...)
+                   for p in per_sample if p in tensors}
 
         def one_sample(sample: dict, columns: torch.Tensor) -> torch.Tensor:
             return push_forward(_input_fn(call, path, pick, sample), mean, columns)
