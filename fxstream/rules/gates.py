@@ -32,8 +32,7 @@ import torch
 import torch.fx
 
 from .registry import same_shape
-from .residual import (Chain, ConvChain, Diagonal, Form, NotCarried, ResidualBranch, _branch, _branch_module, _carried,
-                       _rows)
+from .residual import ConvChain, Diagonal, Form, NotCarried, ResidualBranch, _branch, _branch_module, _carried, _rows
 
 aten = torch.ops.aten
 
