@@ -248,8 +248,6 @@ def _dense_full(tensors: Tensors, x, s):
     return total
 
 
-
-
 def _dense_transpose(tensors: Tensors) -> Tensors:
     return (tensors[0].permute(1, 0, 3, 2),)
 
@@ -300,7 +298,7 @@ def _lowrank_transpose(tensors: Tensors) -> Tensors:
 def _lowrank_dense(tensors: Tensors):
     d, u = tensors
     factors = u.reshape(u.shape[0], -1)
-    return torch.diag_embed(d.reshape(-1)) + factors.t() @ factors
+    return _diag_dense((d,)) + factors.t() @ factors
 
 
 @dataclass(frozen=True)
@@ -444,12 +442,7 @@ def bias_covariance(kind: str | None, tensors: Tensors) -> torch.Tensor | None:
     """The (Dout, Dout) covariance of a bias (None: deterministic, or carried by the weight)."""
     if kind is None or kind == AFFINE_BIAS:
         return None
-    if kind == "param_diag":
-        return torch.diag_embed(tensors[0])
-    if kind == "param_dense":
-        return tensors[0]
-    d, u = tensors  # param_lowrank, the last of BIAS_KINDS
-    return torch.diag_embed(d) + u.t() @ u
+    return _structure(kind).dense(tensors)
 
 
 def marginal_variance(kind: str, tensors: Tensors, shape: torch.Size | None = None) -> torch.Tensor:
