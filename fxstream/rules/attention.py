@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .linearise import batch_size, factor_to_full, parameter_factor, sandwich
+from .linearise import batch_size, context_function, factor_to_full, parameter_factor, sandwich
 from .registry import RuleCall, register
 
 aten = torch.ops.aten
@@ -38,9 +38,10 @@ def _heads_repeated(tensor: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def attention_probabilities(q: torch.Tensor, k: torch.Tensor, mask, causal: bool, scale: float | None) -> torch.Tensor:
-    """P = softmax(scale * q k^T + mask) as SDPA computes it (bool mask: True keeps)."""
+    """P = softmax(scale * q k^T + mask) as SDPA computes it (bool mask: True keeps). The scale multiplies
+    by the Scalar overload: forward-mode AD of the Tensor one with a Python number reads concrete sizes."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * scale
+    scores = aten.mul.Scalar(q @ k.transpose(-2, -1), scale)
     if causal:
         t, s = scores.shape[-2:]
         keep = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()
@@ -145,12 +146,11 @@ def _full(call: RuleCall, linearised: bool) -> torch.Tensor:
         if cov is None:
             continue
 
-        def moved(x, index=index):
-            return attention(*(x if i == index else m for i, m in enumerate(means)))
-
+        moved, context = context_function(lambda values: attention(*(values[i] for i in range(4))),
+                                          dict(enumerate(means)), index)
         if kind == "param_diag":  # a parameter mask (T5's bias): J diag(v) J^T
-            term = factor_to_full(parameter_factor(moved, means[index], cov), batch_size(call))
+            term = factor_to_full(parameter_factor(moved, means[index], cov, context), batch_size(call))
         else:
-            term = sandwich(moved, means[index], cov)
+            term = sandwich(moved, means[index], cov, context)
         total = total + term
     return total

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch.func import vmap
 
-from .linearise import push_forward
+from .linearise import op_function, push_forward
 from .registry import Path, RuleCall
 
 
@@ -34,15 +34,6 @@ Pick = int | None  # the output of a multi-output op the covariance belongs to (
 
 def _call(op, args: tuple, kwargs: dict, out) -> RuleCall:
     return RuleCall(op, args, kwargs, (), {}, (), {}, out, "full")
-
-
-def _input_fn(call: RuleCall, path: Path, pick: Pick, fixed: dict | None = None):
-    """The op as a function of its input at ``path``, the others at the means (or as ``fixed`` gives them)."""
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        out = call.call_with({**(fixed or {}), path: x})
-        return out if pick is None else out[pick]
-
-    return fn
 
 
 def _mean_at(call: RuleCall, path: Path) -> torch.Tensor:
@@ -60,19 +51,22 @@ def apply_jacobian(call: RuleCall, path: Path, pick: Pick, cross: torch.Tensor,
     """
     mean = _mean_at(call, path)
     n_u = cross.shape[-1]
+    output = None if pick is None else (lambda out: out[pick])
     if per_sample is not None and cross.dim() == 3:
         batch, tensors = cross.shape[0], dict(call.tensors())
         samples = {p: tensors[p].reshape(batch, -1, *tensors[p].shape[1:])  # (B, k, ...)
                    for p in per_sample if p in tensors}
 
         def one_sample(sample: dict, columns: torch.Tensor) -> torch.Tensor:
-            return push_forward(_input_fn(call, path, pick, sample), mean, columns)
+            fn, context = op_function(call, path, output, sample)
+            return push_forward(fn, mean, columns, context)
 
         pushed = vmap(one_sample)(samples, cross.transpose(1, 2).reshape(batch, n_u, *mean.shape))
         return pushed.reshape(batch, n_u, -1).transpose(1, 2)
     columns = cross.t() if cross.dim() == 2 else cross.permute(2, 0, 1)
-    pushed = push_forward(_input_fn(call, path, pick), mean, columns.reshape(n_u, *mean.shape))  # (N_u, *out)
-    return pushed.reshape(n_u, pushed.shape[1], -1).permute(1, 2, 0)
+    fn, context = op_function(call, path, output)
+    pushed = push_forward(fn, mean, columns.reshape(n_u, *mean.shape), context)
+    return pushed.reshape(n_u, pushed.shape[1], -1).permute(1, 2, 0)  # (N_u, *out) -> (B, N_t, N_u)
 
 
 Operand = tuple[Path, tuple[Path, ...] | None]

@@ -14,32 +14,66 @@ from collections.abc import Callable
 import torch
 from torch.func import jvp, vmap
 
-from .registry import RuleCall
+from .registry import Path, RuleCall
 
 TensorFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def push_forward(fn: TensorFn, mean: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
-    """J @ t for a stack of tangents (R, *mean.shape), J the Jacobian of fn at mean.
+def push_forward(fn: Callable[..., torch.Tensor], mean: torch.Tensor, tangents: torch.Tensor,
+                 context: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """J @ t for a stack of tangents (R, *mean.shape), J the Jacobian of ``fn(x, *context)`` in x at mean.
 
-    Mean and tangents are made contiguous: forward AD gives a tangent whose
-    layout differs from its primal's a fresh buffer of the primal's layout,
-    which with symbolic sizes (a lowered dynamic graph) it cannot allocate, and
-    it cannot make a dual of a mean whose elements share memory (an expanded
-    mask: Mistral's sliding window).
+    The ``context`` tensors (an op's other floating-point inputs) enter the JVP as duals with zero
+    tangents: the forward-mode derivative of a binary op with an operand that is no dual (add, mul,
+    addmm) reads concrete sizes, which would fix a lowered graph's batch size and sequence length.
+    Every primal and the tangents are made contiguous: forward AD gives a tangent whose layout differs
+    from its primal's a fresh buffer of the primal's layout, which with symbolic sizes it cannot
+    allocate, and it cannot make a dual of a tensor whose elements share memory (an expanded mask:
+    Mistral's sliding window).
     """
-    mean, tangents = mean.contiguous(), tangents.contiguous()
-    return vmap(lambda t: jvp(fn, (mean,), (t,))[1])(tangents)
+    primals = tuple(t.contiguous() for t in (mean, *context))
+    tangents = tangents.contiguous()
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        return jvp(fn, primals, (t, *(torch.zeros_like(c) for c in primals[1:])))[1]
+
+    return vmap(one)(tangents)
 
 
-def sandwich(fn: TensorFn, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """J S J^T per sample, for full covariance S (B, N, N) of fn's input at ``mean``."""
+def context_function(fn: Callable[[dict], torch.Tensor], values: dict, key) -> tuple[
+        Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]:
+    """``fn`` of named inputs as ``f(x, *context)`` of the input ``key`` and the other floating-point
+    tensors among ``values``, for :func:`push_forward`.
+    """
+    others = tuple(k for k, value in values.items() if k != key and isinstance(value, torch.Tensor)
+                   and torch.is_floating_point(value))
+
+    def f(x: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
+        return fn({**values, key: x, **dict(zip(others, context))})
+
+    return f, tuple(values[k] for k in others)
+
+
+def op_function(call: RuleCall, path: Path, output: TensorFn | None = None,
+                fixed: dict[Path, torch.Tensor] | None = None) -> tuple[Callable[..., torch.Tensor],
+                                                                       tuple[torch.Tensor, ...]]:
+    """The op as ``f(x, *context)`` of its input at ``path`` (see :func:`context_function`); ``fixed``
+    replaces some inputs' means, ``output`` picks one of several outputs."""
+    pick = output or (lambda out: out)
+    return context_function(lambda values: pick(call.call_with(values)), {**dict(call.tensors()), **(fixed or {})},
+                            path)
+
+
+def sandwich(fn: Callable[..., torch.Tensor], mean: torch.Tensor, cov: torch.Tensor,
+             context: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """J S J^T per sample, for full covariance S (B, N, N) of fn's input at ``mean`` (``context``: see
+    :func:`push_forward`)."""
     batch, n = cov.shape[0], cov.shape[-1]
     columns = cov.permute(2, 0, 1).reshape(n, *mean.shape)
-    left = push_forward(fn, mean, columns)  # (N, *out): column c is J S[:, :, c]
+    left = push_forward(fn, mean, columns, context)  # (N, *out): column c is J S[:, :, c]
     n_out = left[0].numel() // batch
     rows = left.reshape(n, batch, n_out).permute(2, 1, 0).reshape(n_out, *mean.shape)
-    both = push_forward(fn, mean, rows)  # (N_out, *out)
+    both = push_forward(fn, mean, rows, context)  # (N_out, *out)
     return both.reshape(n_out, batch, n_out).permute(1, 2, 0)
 
 
@@ -57,11 +91,12 @@ def linear_sandwich(fn: TensorFn, cov: torch.Tensor, sample_shape: torch.Size) -
     return both.transpose(1, 2)
 
 
-def parameter_factor(fn: TensorFn, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+def parameter_factor(fn: Callable[..., torch.Tensor], mean: torch.Tensor, variance: torch.Tensor,
+                     context: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """Square-root factor (P, *out) of J diag(variance) J^T for a parameter with diagonal variance."""
     p = variance.numel()
     basis = torch.diag_embed(variance.reshape(-1).sqrt()).reshape(p, *mean.shape)
-    return push_forward(fn, mean, basis)
+    return push_forward(fn, mean, basis, context)
 
 
 def factor_to_full(factor: torch.Tensor, batch: int) -> torch.Tensor:
@@ -111,11 +146,11 @@ def linearised_full(call: RuleCall, output: TensorFn | None = None) -> torch.Ten
     for path, mean, cov, kind in call.uncertain():
         if mean.numel() == 0:
             continue
-        fn = lambda x, path=path: pick(call.call_with({path: x}))  # noqa: E731
+        fn, context = op_function(call, path, pick)
         if kind == "full":
-            term = sandwich(fn, mean, cov)
+            term = sandwich(fn, mean, cov, context)
         elif kind == "param_diag":
-            term = factor_to_full(parameter_factor(fn, mean, cov), batch)
+            term = factor_to_full(parameter_factor(fn, mean, cov, context), batch)
         else:  # a rule that hands other parameter kinds here declines them in its capability check
             raise NotImplementedError(f"{call.op}: linearised_full has no term for a '{kind}' posterior")
         total = term if total is None else total + term

@@ -137,10 +137,15 @@ def batch_norm_batch_statistics(call: RuleCall) -> tuple[torch.Tensor, None, Non
 
 
 def layer_statistics(x: torch.Tensor, dims: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and 1 / sqrt(biased variance + eps) over the last ``dims`` dimensions, as layer_norm uses."""
+    """Mean and 1 / sqrt(biased variance + eps) over the last ``dims`` dimensions, as layer_norm uses.
+
+    Written for forward-mode AD with symbolic sizes (the statistics are differentiated where a rule
+    takes a Jacobian in the norm's weight): ``Tensor.var``'s derivative, and that of a Tensor overload
+    with a Python number, read concrete sizes and would fix a lowered graph's shapes.
+    """
     reduced = tuple(range(-dims, 0))
     mu = x.mean(reduced, keepdim=True)
-    inv_std = torch.rsqrt(x.var(reduced, unbiased=False, keepdim=True) + eps)
+    inv_std = torch.rsqrt(aten.add.Scalar((x - mu).square().mean(reduced, keepdim=True), eps))
     return mu, inv_std
 
 
@@ -179,12 +184,12 @@ def layer_norm(call: RuleCall) -> torch.Tensor:
     Weight and bias terms are exact for the product gamma * xhat of independent factors:
     var_y = gamma^2 v_xhat + v_gamma (xhat^2 + v_xhat) + v_beta.
     """
-    x, shape, gamma = call.arg(0), call.arg(1), call.arg(2)
+    x, gamma = call.arg(0), call.arg(2)
     eps, dims = call.arg(4), len(call.arg(1))
     linearised = call.options["norm"] == "linearised"
     mu, inv_std = layer_statistics(x, dims, eps)
     if call.structure == "full":
-        return _layer_norm_full(call, mu, inv_std, linearised)
+        return _layer_norm_full(call, inv_std, linearised)
     xhat = (x - mu) * inv_std
     v_xhat = 0 if call.cov(0) is None else _normalised_variance(xhat, call.cov(0), inv_std, dims, linearised)
     var = v_xhat * (1.0 if gamma is None else gamma.square())
@@ -195,30 +200,30 @@ def layer_norm(call: RuleCall) -> torch.Tensor:
     return torch.broadcast_to(var, call.out.shape)
 
 
-def _layer_norm_full(call: RuleCall, mu: torch.Tensor, inv_std: torch.Tensor, linearised: bool) -> torch.Tensor:
+def _layer_norm_full(call: RuleCall, inv_std: torch.Tensor, linearised: bool) -> torch.Tensor:
     """Per-sample covariance: J S J^T for the input (statistics fixed or not), plus the parameter terms."""
-    x, shape, gamma, beta, eps = (call.arg(i) for i in range(5))
+    x, shape, eps, cov = call.arg(0), call.arg(1), call.arg(4), call.cov(0)
+    if cov is None:
+        xhat_cov = None
+    elif linearised:
+        xhat_cov = sandwich(lambda h: layer_norm_math(h, shape, eps=eps), x, cov)
+    else:
+        xhat_cov = elementwise_full(cov, torch.broadcast_to(inv_std, x.shape))
+    return _affine_norm_full(call, xhat_cov, lambda g: torch.broadcast_to(g, x.shape))
 
-    def normalised(h: torch.Tensor) -> torch.Tensor:
-        if linearised:
-            return torch.nn.functional.layer_norm(h, shape, None, None, eps)
-        return (h - mu) * inv_std
 
-    return _affine_norm_full(call, normalised, lambda g: torch.broadcast_to(g, x.shape))
-
-
-def _affine_norm_full(call: RuleCall, normalised, spread) -> torch.Tensor:
-    """gamma * normalised(x) + beta in full covariance: the affine parameters' terms (the op is linear
-    in them), gamma J S J^T gamma for the input, and the exact second-order term of gamma times xhat.
+def _affine_norm_full(call: RuleCall, xhat_cov: torch.Tensor | None, spread) -> torch.Tensor:
+    """gamma * xhat + beta in full covariance: the affine parameters' terms (the op is linear in them),
+    gamma Cov(xhat) gamma for the input (``xhat_cov``, None where the input is deterministic), and the
+    exact second-order term of gamma times xhat.
 
     ``spread`` maps a parameter of gamma's shape to the input's.
     """
     x, gamma = call.arg(0), call.arg(2)
     params_only = dataclasses.replace(call, covs=(None,) + tuple(call.covs[1:]))
     cov = linearised_full(params_only) if next(params_only.uncertain(), None) is not None else 0
-    if call.cov(0) is None:
+    if xhat_cov is None:
         return cov
-    xhat_cov = sandwich(normalised, x, call.cov(0))
     if gamma is None:
         return cov + xhat_cov
     scale = spread(gamma).reshape(x.shape[0], -1)
@@ -243,12 +248,14 @@ def group_norm(call: RuleCall) -> torch.Tensor:
         return h.reshape(batch, groups, -1)
 
     if call.structure == "full":
-        def normalised(h: torch.Tensor) -> torch.Tensor:
-            if linearised:
-                return torch.nn.functional.group_norm(h, groups, None, None, eps)
-            return ((grouped(h) - mu) * inv_std).reshape(h.shape)
-
-        return _affine_norm_full(call, normalised, lambda g: torch.broadcast_to(g.reshape(channel), x.shape))
+        cov = call.cov(0)
+        if cov is None:
+            xhat_cov = None
+        elif linearised:
+            xhat_cov = sandwich(lambda h: layer_norm_math(grouped(h), grouped(h).shape[-1:], eps=eps).reshape(h.shape), x, cov)
+        else:
+            xhat_cov = elementwise_full(cov, torch.broadcast_to(inv_std, grouped(x).shape).reshape(x.shape))
+        return _affine_norm_full(call, xhat_cov, lambda g: torch.broadcast_to(g.reshape(channel), x.shape))
     xhat = (grouped(x) - mu) * inv_std
     v_xhat = 0
     if call.cov(0) is not None:

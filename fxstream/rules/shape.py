@@ -10,11 +10,14 @@ value, a masked fill) has variance 0, whatever the constant.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 import sys
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .linearise import linearised_full, routed_variance, zero_covariance
+from .linearise import batch_size, linear_sandwich, linearised_full, routed_variance, zero_covariance
 from .registry import RuleCall, register
 
 aten = torch.ops.aten
@@ -89,12 +92,49 @@ def _scatter_ends_at_its_size(call: RuleCall) -> RuleCall:
     return dataclasses.replace(call, args=(base, src, dim, start, base.shape[dim], step), kwargs={})
 
 
+def _cat_without_empties(call: RuleCall) -> RuleCall:
+    """A ``cat`` without the empty tensors it skips (GPT-2's legacy cache): the same op."""
+    kept = [i for i, t in enumerate(call.arg(0)) if not statically_known_true(t.numel() == 0)]
+    if len(kept) == len(call.arg(0)):
+        return call
+    tensors, covs, kinds = ([items[i] for i in kept] for items in (call.arg(0), call.cov(0), call.kind(0)))
+    return dataclasses.replace(call, args=(tensors, call.arg(1, 0)), kwargs={}, covs=(covs,), kinds=(kinds,))
+
+
+def _cat_full(call: RuleCall) -> torch.Tensor:
+    """J S J^T for each input of a ``cat`` along a dim within the samples.
+
+    ``cat`` is linear, so each input's covariance columns are folded into the batch and concatenated
+    with zeros for the other inputs: no vmap, whose batching rule for ``cat`` reads concrete sizes
+    (that would fix a lowered graph's shapes). Any other case (a cat along the batch, a parameter,
+    samples viewed as several rows) goes through :func:`linearised_full`.
+    """
+    tensors, batch = call.arg(0), batch_size(call)
+    dim = call.arg(1, 0) % tensors[0].dim()
+    laid_out = all(statically_known_true(t.shape[0] == batch) for t in tensors)
+    if dim == 0 or not laid_out or any(kind not in (None, "full") for kind in call.kind(0)):
+        return linearised_full(call)
+
+    def with_zeros(index: int, h: torch.Tensor) -> torch.Tensor:
+        rows = h.shape[0]
+        return aten.cat.default([h if j == index else t.new_zeros((rows, *t.shape[1:]))
+                                 for j, t in enumerate(tensors)], dim)
+
+    terms = [linear_sandwich(functools.partial(with_zeros, i), cov, tensors[i].shape[1:])
+             for i, cov in enumerate(call.cov(0)) if cov is not None]
+    return functools.reduce(operator.add, terms) if terms else zero_covariance(call)
+
+
 def route(call: RuleCall) -> torch.Tensor:
     """Apply the op to the variances (diag) or on both sides of the covariance (full)."""
     if call.op in LAYOUT_FREE:
         call = dataclasses.replace(call, op=LAYOUT_FREE[call.op])
     if call.op is aten.slice_scatter.default:
         call = _scatter_ends_at_its_size(call)
+    if call.op is aten.cat.default:
+        call = _cat_without_empties(call)
+        if call.structure == "full":
+            return _cat_full(call)
     if call.structure == "full":
         return linearised_full(call)
     return routed_variance(call)
