@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 import torch._dynamo
 import torch.fx.experimental._config
+from torch.utils._pytree import tree_leaves
 
 from .backend import StreamlineOptions, Streamlined, compile_streamlined, predictive
 from .errors import FxstreamError, FxstreamWarning, GraphBreakError, PosteriorMismatchError
@@ -28,16 +29,27 @@ _NUMBERS_CONSTANT = torch._dynamo.config.patch(specialize_int=True, specialize_f
 _NO_DUCK_SIZING = torch.fx.experimental._config.patch(use_duck_shape=False)
 
 
+def _batch_symbolic(args: tuple, kwargs: dict) -> None:
+    """Ask Dynamo for a symbolic first dim (the batch) on every tensor input, so that a DataLoader's last
+    partial batch reuses the graph (a size of 0 or 1 is still specialised)."""
+    for value in tree_leaves((args, kwargs)):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            torch._dynamo.maybe_mark_dynamic(value, 0)
+
+
 class StreamlinedModel(torch.nn.Module):
     """A model whose call returns the :class:`Predictive` of its output.
 
-    The first call captures the model with Dynamo (one graph, no breaks) with
-    symbolic sizes, rewrites it, lowers it to ATen and compiles it; later calls
-    reuse it for every size Dynamo's guards admit. A new graph is compiled only
-    for what the guards fix: another input dtype, device or number of dims, or
-    an input size of 0 or 1 (Dynamo specialises those), so a model with
-    ``d`` varying input sizes compiles at most ``2**d`` graphs per input
-    signature, and ``MAX_GRAPHS`` at the most (see docs/index.md).
+    The first call captures the model with Dynamo (one graph, no breaks),
+    rewrites it, lowers it to ATen and compiles it; later calls reuse it for
+    every size Dynamo's guards admit. The batch (every input's first dim) is
+    symbolic from the first call; any other input size is fixed until a call
+    changes it, which compiles one more graph with that size symbolic too
+    (torch.compile's automatic dynamic shapes). So a language model whose
+    batch and sequence length vary compiles 2 graphs, an image model at one
+    image size 1. Another input dtype, device or number of dims, or a size of
+    0 or 1 (Dynamo specialises those) compiles another; ``MAX_GRAPHS`` is the
+    limit (see docs/index.md).
     ``graphs`` holds every compiled graph for inspection. One instance serves
     concurrent calls from many threads.
     ``posterior`` is the posterior it predicts with; the graphs read a copy of
@@ -72,8 +84,10 @@ class StreamlinedModel(torch.nn.Module):
 
         # Dynamo keeps its cache and its recompile limit per code object, so each StreamlinedModel gets a
         # code object of its own (else every instance in a process would share one limit: a test suite
-        # or a tuning loop would run out of it). Symbolic sizes from the first call on.
-        self._compiled = torch.compile(_own_code(selected_output), backend=backend, fullgraph=True, dynamic=True,
+        # or a tuning loop would run out of it). Sizes other than the batch's are symbolic only once they
+        # vary (dynamic=None): symbolic image sizes make a CNN's graph several times slower to lower (its
+        # shape arithmetic goes through sympy), for sizes that seldom change.
+        self._compiled = torch.compile(_own_code(selected_output), backend=backend, fullgraph=True, dynamic=None,
                                        recompile_limit=self.MAX_GRAPHS)
         self._hooks_aside = _BackwardHooksAside(model)
 
@@ -83,6 +97,7 @@ class StreamlinedModel(torch.nn.Module):
         # the first call (batch 8, sequence 8) get their own symbols, so neither is fixed by the other's guard.
         with torch.no_grad(), _NUMBERS_CONSTANT, _NO_DUCK_SIZING:
             try:
+                _batch_symbolic(args, kwargs)
                 with self._hooks_aside():
                     out = self._compiled(*args, **kwargs)
             except torch._dynamo.exc.FailOnRecompileLimitHit:
