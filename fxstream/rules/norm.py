@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from .linearise import elementwise_full, linearised_full, noise_product_full, sandwich
+from .linearise import TensorFn, elementwise_full, linearised_full, noise_product_full, sandwich
 from .registry import RuleCall, register
 
 aten = torch.ops.aten
@@ -189,7 +189,8 @@ def layer_norm(call: RuleCall) -> torch.Tensor:
     linearised = call.options["norm"] == "linearised"
     mu, inv_std = layer_statistics(x, dims, eps)
     if call.structure == "full":
-        return _layer_norm_full(call, inv_std, linearised)
+        return _affine_norm_full(call, lambda h: layer_norm_math(h, call.arg(1), eps=eps),
+                                 torch.broadcast_to(inv_std, x.shape), lambda g: torch.broadcast_to(g, x.shape))
     xhat = (x - mu) * inv_std
     v_xhat = 0 if call.cov(0) is None else _normalised_variance(xhat, call.cov(0), inv_std, dims, linearised)
     var = v_xhat * (1.0 if gamma is None else gamma.square())
@@ -200,30 +201,23 @@ def layer_norm(call: RuleCall) -> torch.Tensor:
     return torch.broadcast_to(var, call.out.shape)
 
 
-def _layer_norm_full(call: RuleCall, inv_std: torch.Tensor, linearised: bool) -> torch.Tensor:
-    """Per-sample covariance: J S J^T for the input (statistics fixed or not), plus the parameter terms."""
-    x, shape, eps, cov = call.arg(0), call.arg(1), call.arg(4), call.cov(0)
-    if cov is None:
-        xhat_cov = None
-    elif linearised:
-        xhat_cov = sandwich(lambda h: layer_norm_math(h, shape, eps=eps), x, cov)
-    else:
-        xhat_cov = elementwise_full(cov, torch.broadcast_to(inv_std, x.shape))
-    return _affine_norm_full(call, xhat_cov, lambda g: torch.broadcast_to(g, x.shape))
-
-
-def _affine_norm_full(call: RuleCall, xhat_cov: torch.Tensor | None, spread) -> torch.Tensor:
+def _affine_norm_full(call: RuleCall, normalise: TensorFn, inv_std: torch.Tensor, spread: TensorFn) -> torch.Tensor:
     """gamma * xhat + beta in full covariance: the affine parameters' terms (the op is linear in them),
-    gamma Cov(xhat) gamma for the input (``xhat_cov``, None where the input is deterministic), and the
-    exact second-order term of gamma times xhat.
+    gamma Cov(xhat) gamma for the input, and the exact second-order term of gamma times xhat.
 
-    ``spread`` maps a parameter of gamma's shape to the input's.
+    Cov(xhat) is J S J^T through ``normalise`` (the norm without its affine part) under norm="linearised";
+    under "paper" the statistics are held, so it is S scaled by ``inv_std`` (per input element) on both
+    sides. ``spread`` maps a parameter of gamma's shape to the input's.
     """
-    x, gamma = call.arg(0), call.arg(2)
+    x, gamma, cov_x = call.arg(0), call.arg(2), call.cov(0)
     params_only = dataclasses.replace(call, covs=(None,) + tuple(call.covs[1:]))
     cov = linearised_full(params_only) if next(params_only.uncertain(), None) is not None else 0
-    if xhat_cov is None:
+    if cov_x is None:
         return cov
+    if call.options["norm"] == "linearised":
+        xhat_cov = sandwich(normalise, x, cov_x)
+    else:
+        xhat_cov = elementwise_full(cov_x, inv_std)
     if gamma is None:
         return cov + xhat_cov
     scale = spread(gamma).reshape(x.shape[0], -1)
@@ -248,14 +242,12 @@ def group_norm(call: RuleCall) -> torch.Tensor:
         return h.reshape(batch, groups, -1)
 
     if call.structure == "full":
-        cov = call.cov(0)
-        if cov is None:
-            xhat_cov = None
-        elif linearised:
-            xhat_cov = sandwich(lambda h: layer_norm_math(grouped(h), grouped(h).shape[-1:], eps=eps).reshape(h.shape), x, cov)
-        else:
-            xhat_cov = elementwise_full(cov, torch.broadcast_to(inv_std, grouped(x).shape).reshape(x.shape))
-        return _affine_norm_full(call, xhat_cov, lambda g: torch.broadcast_to(g.reshape(channel), x.shape))
+        def normalise(h: torch.Tensor) -> torch.Tensor:
+            rows = grouped(h)
+            return layer_norm_math(rows, rows.shape[-1:], eps=eps).reshape(h.shape)
+
+        return _affine_norm_full(call, normalise, torch.broadcast_to(inv_std, grouped(x).shape).reshape(x.shape),
+                                 lambda g: torch.broadcast_to(g.reshape(channel), x.shape))
     xhat = (grouped(x) - mu) * inv_std
     v_xhat = 0
     if call.cov(0) is not None:
