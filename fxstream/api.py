@@ -283,6 +283,7 @@ def streamline(
     joins: Literal["independent", "exact"] = "independent",
     gates: Literal["independent", "linearised"] = "independent",
     output_cov: Literal["full", "diag"] = "full",
+    interpolation: Literal["correlated", "independent"] = "correlated",
     backend: Literal["inductor", "eager"] = "inductor",
     output: str | int | None = None,
     budget: int | str | None = None,
@@ -341,6 +342,12 @@ def streamline(
             "diag" its variances only: the last linear layer before the output computes them from its
             input's full covariance (each row's diag(W C W^T)), so the output's own covariance, which
             for a language model's head is (tokens x vocabulary)^2 per sample, is never formed.
+        interpolation: how diagonal activations pass an interpolation (``F.interpolate`` in linear,
+            bilinear, trilinear or bicubic mode, e.g. a segmentation head's upsampling). "correlated"
+            takes the positions each output blends as perfectly correlated (the standard deviations
+            are interpolated), exact for smooth feature maps; "independent" treats them as
+            independent, var = (A o A) v, which dips between source positions in a grid pattern.
+            Full activations carry the interpolation exactly either way (``fxstream.rules.interpolate``).
         backend: "inductor" compiles the rewritten graph; "eager" runs it as an FX GraphModule.
         output: the key or index of the output to return the predictive of, for models returning
             a dict, dataclass or tuple (default: "logits" if present, else the first tensor).
@@ -353,7 +360,7 @@ def streamline(
         raise FxstreamError("the model is in training mode; call model.eval() before streamline()")
     rule_options = {"attention": attention, "norm": norm, "residual": residual,
                     "variance_matmul": variance_matmul, "products": products,
-                    "joins": joins, "gates": gates, "output_cov": output_cov}
+                    "joins": joins, "gates": gates, "output_cov": output_cov, "interpolation": interpolation}
     chosen = None
     if budget is not None:
         from .planner import plan

@@ -89,6 +89,10 @@ class StreamlineOptions:
                 warnings.warn(f"{option}='linearised' adds the {what} for diagonal activations only; with "
                               f"activation_cov='full' it has no effect (joins='exact' adds every join's "
                               f"cross-covariance there)", FxstreamWarning, stacklevel=3)
+        if self.rule_options.get("interpolation") == "independent" and self.activation_cov == "full":
+            warnings.warn("interpolation='independent' chooses how diagonal activations are interpolated; with "
+                          "activation_cov='full' interpolations carry the full covariance exactly and it has no "
+                          "effect", FxstreamWarning, stacklevel=3)
 
 
 @dataclass
@@ -190,14 +194,15 @@ def _report_shared_parameters(captured: CapturedGraph, paired: PairedGraph) -> N
 _OPTION_TARGETS = {
     "attention": {torch.ops.aten.scaled_dot_product_attention.default, *SOFTMAX},
     "norm": {torch.ops.aten.layer_norm.default, torch.ops.aten.group_norm.default},
+    "interpolation": set(),
 }
-_OPTION_RULES = {"norm": {"rms_norm_linearised"}}
+_OPTION_RULES = {"norm": {"rms_norm_linearised"}, "interpolation": {"interpolate"}}
 
 
 def _report_idle_options(paired: PairedGraph, options: StreamlineOptions) -> None:
-    """Warn where attention= or norm= was set away from its default but no op of the graph it covers carries
-    covariance, so the choice changes nothing (e.g. norm="linearised" on a model without layer norms), and
-    where output_cov="diag" meets diagonal activations."""
+    """Warn where attention=, norm= or interpolation= was set away from its default but no op of the graph it
+    covers carries covariance, so the choice changes nothing (e.g. norm="linearised" on a model without layer
+    norms), and where output_cov="diag" meets diagonal activations."""
     if options.rule_options.get("output_cov") == "diag" and options.activation_cov == "diag":
         warnings.warn("output_cov='diag' has no effect with activation_cov='diag': the outputs carry variances "
                       "already", FxstreamWarning, stacklevel=2)

@@ -256,6 +256,8 @@ def test_options_that_do_nothing_warn() -> None:
         fxstream.streamline(model, posterior, residual="linearised", activation_cov="full", backend="eager")
     with pytest.warns(FxstreamWarning, match="gates='linearised'"):
         fxstream.streamline(model, posterior, gates="linearised", activation_cov="full", backend="eager")
+    with pytest.warns(FxstreamWarning, match="interpolation='independent'"):
+        fxstream.streamline(model, posterior, interpolation="independent", activation_cov="full", backend="eager")
     with warnings.catch_warnings():
         warnings.simplefilter("error", FxstreamWarning)
         fxstream.streamline(model, posterior, likelihood="regression", sigma_noise=0.1, backend="eager")

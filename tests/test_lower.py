@@ -40,6 +40,17 @@ class SmallCNN(nn.Module):
         return self.head(torch.tanh(self.body(x)).mean((2, 3)))
 
 
+class SmallSegmenter(nn.Module):
+    """strided conv -> relu -> 1x1 conv -> bilinear upsampling back to the input's size: per-pixel logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(self.body(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
 def _case(name: str):
     """(model, posterior, inputs at several shapes, streamline options)."""
     torch.manual_seed(0)
@@ -57,6 +68,9 @@ def _case(name: str):
         model.body[1].running_mean.uniform_(-0.5, 0.5)
         model.body[1].running_var.uniform_(0.5, 2.0)
         inputs = [torch.randn(b, 1, h, h, dtype=torch.float64) for b, h in ((2, 6), (3, 7), (5, 5))]
+    elif name.startswith("segmentation"):
+        model = SmallSegmenter().double()
+        inputs = [torch.randn(b, 1, h, w, dtype=torch.float64) for b, h, w in ((2, 8, 8), (3, 10, 12), (2, 9, 7))]
     elif name == "gpt2-full":  # every block parameter, layer norms too: a Jacobian in the norm's weight
         model, _ = transformers_tests.tiny("gpt2", layers=1)
         variances = {n: torch.full_like(p, 1e-4) for n, p in model.named_parameters() if ".h.0." in n}
@@ -77,8 +91,8 @@ def _case(name: str):
     return model.eval(), _variances(model), inputs, options
 
 
-@pytest.mark.parametrize("name", ["mlp", "mlp-full", "residual-full", "residual-joins", "cnn", "cnn-full", "gpt2",
-                                  "gpt2-full", "llama", "llama-joins"])
+@pytest.mark.parametrize("name", ["mlp", "mlp-full", "residual-full", "residual-joins", "cnn", "cnn-full",
+                                  "segmentation", "segmentation-full", "gpt2", "gpt2-full", "llama", "llama-joins"])
 def test_lowered_graph_equals_the_rule_graph_at_every_shape(name: str) -> None:
     """The lowered graph equals the rule graph at each of three shapes. The batch is symbolic from the first
     capture; an image size or sequence length that changes is captured once more, symbolic too."""

@@ -264,15 +264,20 @@ def _fxstream_warnings(model: nn.Module, **options) -> list[str]:
     return [str(w.message) for w in caught if issubclass(w.category, fxstream.FxstreamWarning)]
 
 
-def test_an_attention_or_norm_option_that_covers_no_op_warns() -> None:
+def test_an_option_that_covers_no_op_warns() -> None:
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
     normed = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3)).eval()
     rms = nn.Sequential(nn.Linear(4, 8), nn.RMSNorm(8), nn.Linear(8, 3)).eval()
-    assert [m.split(":")[0] for m in _fxstream_warnings(mlp, norm="linearised", attention="linearised")] == \
-        ["attention='linearised' has no effect", "norm='linearised' has no effect"]
+    upsampled = nn.Sequential(nn.Unflatten(1, (1, 4)), nn.Conv1d(1, 2, 1), nn.Upsample(scale_factor=2,
+                              mode="linear"), nn.Flatten()).eval()
+    idle = _fxstream_warnings(mlp, norm="linearised", attention="linearised", interpolation="independent")
+    assert [m.split(":")[0] for m in idle] == \
+        ["attention='linearised' has no effect", "norm='linearised' has no effect",
+         "interpolation='independent' has no effect"]
     assert _fxstream_warnings(normed, norm="linearised") == []
     assert _fxstream_warnings(rms, norm="linearised") == []
+    assert _fxstream_warnings(upsampled, interpolation="independent") == []
     assert _fxstream_warnings(mlp) == []
 
 

@@ -1,6 +1,8 @@
 """The covariance rules, one module per op family; importing this fills RULES."""
 
-from . import activation, arithmetic, attention, conv, embedding, linear, norm, pool, reduce, shape, softmax  # noqa: F401
+from . import (  # noqa: F401
+    activation, arithmetic, attention, conv, embedding, interpolate, linear, norm, pool, reduce, shape, softmax,
+)
 from .creation import VALUE_INDEPENDENT
 from .pointwise import is_pointwise, rule_for
 from .patterns import mean_only_nodes

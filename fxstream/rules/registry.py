@@ -60,6 +60,11 @@ RULE_OPTIONS: dict[str, tuple[str, ...]] = {
     # computes them from its input's full covariance, diag(W C W^T) per row, so the output's own
     # covariance (a 50k-vocabulary head's: (tokens x vocabulary)^2 per sample) is never formed.
     "output_cov": ("full", "diag"),
+    # "correlated": with diagonal activations, an interpolation (F.interpolate's linear, bilinear,
+    # trilinear, bicubic modes) takes the positions it blends as perfectly correlated, var = (A sd)^2:
+    # exact for smooth maps such as a segmentation head's logits, whose neighbouring positions share
+    # weights; "independent": var = (A o A) v, the diagonal rule of any linear map (fxstream.rules.interpolate).
+    "interpolation": ("correlated", "independent"),
 }
 DEFAULT_RULE_OPTIONS = {name: choices[0] for name, choices in RULE_OPTIONS.items()}
 
