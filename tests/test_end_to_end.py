@@ -410,3 +410,43 @@ def test_standardised_kernel_entries_keep_their_first_order_variance() -> None:
     with pytest.warns(fxstream.FxstreamWarning, match="correlation between the copies is dropped"):
         pred = streamline(model, var, x=x, norm="linearised", products="linearised")
     assert_equals_parameter_oracle(pred, model, var, x, "diag")
+
+
+class Segmenter(nn.Module):
+    """conv -> relu -> one positive feature map (softplus) -> 1x1 classifier -> upsampled 3x bilinearly, or 2x
+    bicubically."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, stride=2),
+                                      nn.Softplus())
+        self.classifier = nn.Conv2d(1, 3, 1, bias=False)
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 3.0 if self.mode == "bilinear" else 2.0
+        return nn.functional.interpolate(self.classifier(self.features(x)), scale_factor=scale, mode=self.mode)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_upsampled_logits_of_one_feature_map_have_the_exact_variance(mode: str) -> None:
+    """Logits of a 1x1 classifier over one nonnegative feature map f, classifier weights Bayesian: logit c at
+    position p is w_c f_p, so positions are perfectly correlated (Cov = f_p f_q v_c) and interpolation="correlated"
+    is exact, J Sigma J^T; with full activations too. "independent" drops those correlations: below it wherever
+    bilinear weights blend two positions."""
+    model = Segmenter(mode).to(DTYPE).eval()
+    var = variances(model, ["classifier.weight"], scale=0.1)
+    x = torch.randn(2, 2, 9, 11, generator=seeded(1), dtype=DTYPE)
+    expected = parameter_oracle(model, var, x)
+    assert expected.diagonal(dim1=1, dim2=2).min() > 0
+    for structure in ("diag", "full"):
+        pred = streamline(model, var, x=x, activation_cov=structure)
+        assert_close(pred.mean, model(x))
+        assert_close(pred.var.reshape(2, -1), expected.diagonal(dim1=1, dim2=2))
+    assert_close(pred.cov.reshape(expected.shape), expected)
+    pred = streamline(model, var, x=x)
+    independent = streamline(model, var, x=x, interpolation="independent").var
+    assert (independent - pred.var).abs().max() > 0.1 * pred.var.max()
+    if mode == "bilinear":
+        assert (independent <= pred.var * (1 + 1e-12)).all()
