@@ -9,6 +9,11 @@ convention for KFAC). So
 with the weight term of the kernel's posterior kind from
 :mod:`fxstream.rules.weights`. For a diagonal kernel posterior and diagonal
 activations the patches are never formed: var = conv(s, M^2) + conv(m^2 + s, V) + var_b.
+
+A transposed convolution (a decoder's upsampling) is the same bilinear map of
+input and kernel, in which each output still meets every kernel entry at most
+once per input channel, so with a diagonal kernel posterior its variance is the
+same formula with the transposed op.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ aten = torch.ops.aten
 
 CONVOLUTIONS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
                 aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
+TRANSPOSED = (aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
 
 
 def _param_kind(call: RuleCall, index: int) -> str | None:
@@ -64,6 +70,42 @@ def conv(call: RuleCall) -> torch.Tensor:
         var_b = None
     if weight is not None:
         var = plus(var, _weight_diag(call, x, vx if call.second_order else None, weight, var_b, geometry))
+    elif var_b is not None:
+        var = var_b.reshape((-1,) + (1,) * (x.dim() - 2))
+    return torch.broadcast_to(var, call.out.shape)
+
+
+def _transposed_problem(call: RuleCall) -> str | None:
+    """A transposed convolution takes diagonal kernel and bias posteriors, and full activations only with a
+    deterministic kernel and bias."""
+    for index, what in ((1, "kernel"), (2, "bias")):
+        if call.cov(index) is None:
+            continue
+        kind = _param_kind(call, index)
+        if kind is None:
+            return f"{call.op}: a {what} computed from the input is not supported"
+        if kind != "param_diag":
+            return (f"{call.op}: a '{kind}' posterior on the {what} of a transposed convolution is not supported; "
+                    f"give it a diagonal posterior (e.g. posterior.to_diagonal())")
+        if call.structure == "full":
+            return (f"{call.op}: an uncertain {what} with activation_cov='full' is not supported; use "
+                    f"activation_cov='diag' or leave the {what} out of the posterior")
+    return None
+
+
+@register(*TRANSPOSED, supports=_transposed_problem)
+def conv_transpose(call: RuleCall) -> torch.Tensor:
+    x, w, vx = call.arg(0), call.arg(1), call.cov(0)
+    geometry = tuple(call.arg(i) for i in range(3, 8))  # stride, padding, output_padding, groups, dilation
+    if call.structure == "full":
+        return linear_sandwich(lambda h: call.op(h, w, None, *geometry), vx, x.shape[1:])
+    var_b, var_w = call.cov(2), call.cov(1)
+    var = None
+    if vx is not None:
+        var = call.op(vx, w.square(), var_b, *geometry)
+        var_b = None
+    if var_w is not None:
+        var = plus(var, call.op(second_moment(x, vx if call.second_order else None), var_w, var_b, *geometry))
     elif var_b is not None:
         var = var_b.reshape((-1,) + (1,) * (x.dim() - 2))
     return torch.broadcast_to(var, call.out.shape)
