@@ -450,3 +450,21 @@ def test_upsampled_logits_of_one_feature_map_have_the_exact_variance(mode: str) 
     assert (independent - pred.var).abs().max() > 0.1 * pred.var.max()
     if mode == "bilinear":
         assert (independent <= pred.var * (1 + 1e-12)).all()
+
+
+def test_torch_transformer_layers_are_captured_unfused() -> None:
+    """nn.TransformerEncoder in eval mode would run PyTorch's fused inference kernel, which has no rule; fxstream
+    captures the layer's own ops instead and leaves torch.backends.mha as it found it. Oracle: with the
+    feed-forward output layer Bayesian, each token's entries of its output are independent (one weight row each),
+    so diagonal activations through the residual add and norm="linearised" give diag(J Sigma J^T) exactly."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).to(DTYPE).eval()
+    x = torch.randn(2, 3, 4, generator=seeded(1), dtype=DTYPE)
+    var = variances(model, ["layers.0.linear2.weight", "layers.0.linear2.bias"], scale=1e-2)
+    assert torch.backends.mha.get_fastpath_enabled()
+    pred = streamline(model, var, x=x, norm="linearised")
+    assert torch.backends.mha.get_fastpath_enabled()
+    expected = parameter_oracle(model, var, x)
+    assert_close(pred.mean, model(x))
+    assert_close(pred.var.reshape(2, -1), expected.diagonal(dim1=1, dim2=2))

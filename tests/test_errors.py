@@ -57,6 +57,21 @@ def test_unknown_op_names_the_op_the_module_and_the_way_out() -> None:
     assert "leave them out of the posterior" in message and "file the op" in message
 
 
+def test_a_fused_transformer_kernel_names_the_switch_that_avoids_it() -> None:
+    """torch.compile(backend="streamline") on nn.TransformerEncoder with the fused inference path on: the error
+    says how to turn it off (fxstream.streamline turns it off itself)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    posterior = fxstream.select(model, include=["layers.0.linear2.*"], variance=1e-3)
+    compiled = torch.compile(model, backend="streamline", fullgraph=True,
+                             options={"posterior": posterior, "backend": "eager"})
+    with pytest.raises(Exception) as caught, torch.no_grad():
+        compiled(torch.randn(2, 3, 4))
+    message = str(caught.value)
+    assert "_transformer_encoder_layer_fwd" in message and "set_fastpath_enabled(False)" in message
+
+
 def test_op_without_a_rule_is_harmless_where_no_uncertainty_reaches_it() -> None:
     """cummax on the deterministic input only: no covariance needed, so no error."""
 

@@ -15,6 +15,7 @@ their functional forms and the pair pass never sees a mutation.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,6 +35,33 @@ PlaceholderRole = Literal["input", "parameter", "buffer", "symbol"]
 _ATTRIBUTE = re.compile(
     r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\['([^']+)'\]"
 )
+
+
+class UnfusedAttention:
+    """Turns off PyTorch's fused inference path of nn.TransformerEncoderLayer and nn.MultiheadAttention
+    (``torch.backends.mha``) while fxstream captures a model, so Dynamo captures their ATen ops, which have
+    rules; the fused kernels have none. The flag is process-wide: a count of the captures and calls in flight
+    restores it when the last one ends, so concurrent calls from several threads never see it on."""
+
+    def __init__(self) -> None:
+        self.lock, self.active, self.saved = threading.Lock(), 0, True
+
+    def __enter__(self) -> None:
+        with self.lock:
+            if self.active == 0:
+                self.saved = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
+            self.active += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self.lock:
+            self.active -= 1
+            if self.active == 0:
+                torch.backends.mha.set_fastpath_enabled(self.saved)
+
+
+#: Entered around every Dynamo capture fxstream makes (streamline, the planner, the zoo's check).
+UNFUSED_ATTENTION = UnfusedAttention()
 
 
 @dataclass

@@ -33,6 +33,8 @@ from ..rules.registry import ACTIVATION_STRUCTURES, RuleCall
 from .capture import CapturedGraph, module_path
 from .decompose import DECOMPOSED_FROM
 from .joins import ROLE, CrossCovariances
+
+aten = torch.ops.aten
 # A rule node's arguments are (args, kwargs, covs, kw_covs, kinds, kw_kinds, out, structure, options, batch):
 # the positions later passes read them at.
 RULE_ARGS, RULE_COVS, RULE_KINDS, RULE_KW_KINDS, RULE_OUT, RULE_STRUCTURE = 0, 2, 4, 5, 6, 7
@@ -305,7 +307,7 @@ class Pairing:
         kw_kinds = map_aggregate(dict(node.kwargs), self.looked_up(self.kind))
         marginal = _marginal_structure(rule, out_structure)
         structure = marginal or out_structure
-        problem = _rule_problem(rule, structure, uncertain, self.kind)
+        problem = _rule_problem(rule, structure, uncertain, self.kind, node.target)
         if problem is None and rule.supports is not None:
             example = lambda a: a.meta.get("val") if isinstance(a, torch.fx.Node) else a  # noqa: E731
             problem = rule.supports(RuleCall(
@@ -459,10 +461,19 @@ def _marginal_structure(rule, out_structure: str) -> str | None:
     return None
 
 
-def _rule_problem(rule, out_structure: str, uncertain, kind) -> str | None:
+#: What to do about ops that have no rule but a known way around them.
+NO_RULE_REMEDIES = {
+    aten._transformer_encoder_layer_fwd.default: "PyTorch's fused inference kernel of nn.TransformerEncoderLayer",
+    aten._native_multi_head_attention.default: "PyTorch's fused inference kernel of nn.MultiheadAttention",
+}
+_FASTPATH_REMEDY = ("; call torch.backends.mha.set_fastpath_enabled(False) before torch.compile so that Dynamo "
+                    "captures the layer's ops (fxstream.streamline does this itself)")
+
+
+def _rule_problem(rule, out_structure: str, uncertain, kind, op=None) -> str | None:
     """Why ``rule`` cannot produce ``out_structure`` here, or None when it can."""
     if rule is None:
-        return ""
+        return NO_RULE_REMEDIES[op] + _FASTPATH_REMEDY if op in NO_RULE_REMEDIES else ""
     for n in uncertain:
         k = kind[n]
         if isinstance(k, str) and k.startswith("param") and k not in rule.param_kinds:
