@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 from .backend import StreamlineOptions, Streamlined, compile_streamlined, predictive
 from .errors import FxstreamError, FxstreamWarning, GraphBreakError, PosteriorMismatchError
 from .posterior import Entries, ParameterCovariance, Posterior
-from .passes.capture import UNFUSED_ATTENTION
+from .passes.capture import CAPTURING
 from .pipeline import placed, warn_lost
 from .predictive import Predictive
 from .rules.registry import covariance_dtype
@@ -96,7 +96,7 @@ class StreamlinedModel(torch.nn.Module):
         # Symbolic tensor sizes only (Dynamo's config values are per thread): Python numbers such as a
         # dropout probability stay constants, and without duck sizing two sizes that happen to be equal in
         # the first call (batch 8, sequence 8) get their own symbols, so neither is fixed by the other's guard.
-        with torch.no_grad(), _NUMBERS_CONSTANT, _NO_DUCK_SIZING, UNFUSED_ATTENTION:
+        with torch.no_grad(), _NUMBERS_CONSTANT, _NO_DUCK_SIZING, CAPTURING:
             try:
                 _batch_symbolic(args, kwargs)
                 with self._hooks_aside():

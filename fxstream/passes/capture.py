@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch._dynamo
 import torch.fx
 import torch.fx.traceback as fx_traceback
 import torch.utils._pytree as pytree
@@ -37,14 +38,21 @@ _ATTRIBUTE = re.compile(
 )
 
 
-class UnfusedAttention:
-    """Turns off PyTorch's fused inference path of nn.TransformerEncoderLayer and nn.MultiheadAttention
-    (``torch.backends.mha``) while fxstream captures a model, so Dynamo captures their ATen ops, which have
-    rules; the fused kernels have none. The flag is process-wide: a count of the captures and calls in flight
-    restores it when the last one ends, so concurrent calls from several threads never see it on."""
+class Capturing:
+    """torch's switches set the way fxstream's Dynamo captures need them, entered around every capture and
+    streamlined call (streamline, the planner, the zoo's check).
+
+    - PyTorch's fused inference path of nn.TransformerEncoderLayer and nn.MultiheadAttention
+      (``torch.backends.mha``) is off, so Dynamo captures their ATen ops, which have rules; the fused
+      kernels have none. The flag is process-wide: a count of the captures and calls in flight restores it
+      when the last one ends, so concurrent calls from several threads never see it on.
+    - Dynamo traces nn.LSTM, nn.GRU and nn.RNN (``allow_rnn``, per thread) instead of breaking the graph.
+    """
 
     def __init__(self) -> None:
         self.lock, self.active, self.saved = threading.Lock(), 0, True
+        # One patch object, re-entered: its prior values live in a context variable (per thread, nestable).
+        self.dynamo = torch._dynamo.config.patch(allow_rnn=True)
 
     def __enter__(self) -> None:
         with self.lock:
@@ -52,16 +60,17 @@ class UnfusedAttention:
                 self.saved = torch.backends.mha.get_fastpath_enabled()
                 torch.backends.mha.set_fastpath_enabled(False)
             self.active += 1
+        self.dynamo.__enter__()
 
     def __exit__(self, *exc: object) -> None:
+        self.dynamo.__exit__(*exc)
         with self.lock:
             self.active -= 1
             if self.active == 0:
                 torch.backends.mha.set_fastpath_enabled(self.saved)
 
 
-#: Entered around every Dynamo capture fxstream makes (streamline, the planner, the zoo's check).
-UNFUSED_ATTENTION = UnfusedAttention()
+CAPTURING = Capturing()
 
 
 @dataclass

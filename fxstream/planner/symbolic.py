@@ -18,7 +18,7 @@ import torch._dynamo
 from ..api import select_output
 from ..errors import CaptureError, GraphBreakError
 from ..passes import CapturedGraph, capture
-from ..passes.capture import UNFUSED_ATTENTION
+from ..passes.capture import CAPTURING
 
 Dims = Mapping[tuple[int, int], str]
 """(positional input index, dimension) -> size name, e.g. {(0, 0): "batch", (0, 1): "seq"}."""
@@ -103,7 +103,7 @@ def capture_symbolic(model: torch.nn.Module, args: tuple, dims: Dims,
     # discard every other model the user's process has compiled.
     compiled = torch.compile(_fresh_call(), backend=backend, fullgraph=True, dynamic=False)
     try:
-        with torch.no_grad(), UNFUSED_ATTENTION:
+        with torch.no_grad(), CAPTURING:
             compiled(model, output, *args)
     except torch._dynamo.exc.Unsupported as error:
         raise GraphBreakError(f"the model cannot be captured as one graph: {str(error).splitlines()[0]}") from None

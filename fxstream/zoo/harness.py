@@ -29,7 +29,7 @@ from torch.func import functional_call, jvp, vmap
 from ..api import select_output
 from ..backend import StreamlineOptions, compile_streamlined, predictive
 from ..errors import FxstreamError, GraphBreakError
-from ..passes.capture import UNFUSED_ATTENTION
+from ..passes.capture import CAPTURING
 from ..posterior import Diagonal, Posterior
 from ..predictive import Predictive
 from ..rules import DEFAULT_RULE_OPTIONS, RULE_OPTIONS
@@ -392,7 +392,7 @@ def _run_streamlined(model, args, kwargs, output, options: Mapping[str, Streamli
         return predictives, timings
     function = torch.compile(selected_output, backend=backend, fullgraph=True, dynamic=False)
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096), \
-            UNFUSED_ATTENTION:
+            CAPTURING:
         start = time.perf_counter()
         try:
             out = function(*args, **kwargs)
