@@ -205,7 +205,8 @@ class Prepared:
         inputs = self.input_covariances(structure)
         outs = self.outputs(self.out)
         totals = [torch.zeros(o.numel(), o.numel(), dtype=DTYPE) for o in outs]
-        filled = [o for o, out in enumerate(outs) if out.numel()]  # empty outputs (saved statistics) stay zero
+        # empty outputs (saved statistics) and integer ones (indices) stay zero
+        filled = [o for o, out in enumerate(outs) if out.numel() and torch.is_floating_point(out)]
         jacobians = jacrev(lambda *v: tuple(self.outputs(self.fn(*v))[o] for o in filled),
                            argnums=tuple(range(len(self.leaves))))(*self.means)
         for k, (leaf, s) in enumerate(zip(self.leaves, inputs)):

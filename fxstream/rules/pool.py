@@ -62,6 +62,21 @@ def _selected_variance(call: RuleCall) -> torch.Tensor:
     return selected
 
 
+ADAPTIVE_MAX = {aten.adaptive_max_pool1d.default: 1, aten.adaptive_max_pool2d.default: 2,
+                aten.adaptive_max_pool3d.default: 3}
+
+
+@register(*ADAPTIVE_MAX)
+def adaptive_max_pool(call: RuleCall) -> list[torch.Tensor | None]:
+    """Each output takes the variance of the element its index (the op's second output) selects; the indices
+    carry none."""
+    if call.structure == "full":
+        return [linearised_full(call, output=lambda out: out[0]), None]
+    spatial, indices = ADAPTIVE_MAX[call.op], call.out[1]
+    selected = call.cov(0).flatten(-spatial).gather(-1, indices.flatten(-spatial))
+    return [selected.reshape(indices.shape), None]
+
+
 def _per_dim(value, spatial: int) -> list[int]:
     """A pooling size argument as one int per spatial dim ([] stays [])."""
     values = list(value) if isinstance(value, (list, tuple)) else [value]

@@ -1,9 +1,9 @@
-"""Reductions: a sum adds variances; a mean over n divides them by n^2; a norm is linearised at the mean."""
+"""Reductions: a sum adds variances; a mean over n divides them by n^2; norms, standard deviations, logsumexp
+and max / min over dims are linearised at the mean."""
 
 from __future__ import annotations
 
 import torch
-
 from torch.func import vjp
 
 from .linearise import linearised_full, routed_variance
@@ -23,17 +23,51 @@ def reduce(call: RuleCall) -> torch.Tensor:
     return var
 
 
-@register(aten.linalg_vector_norm.default)
-def vector_norm(call: RuleCall) -> torch.Tensor:
-    """||x|| over some dims (F.normalize, CLIP's embedding norm), linearised: sum_i (d||x|| / dx_i)^2 v_i.
+#: Reductions whose each output reads its own slice of the input, linearised: op -> positions of (dim, keepdim).
+LINEARISED_REDUCTIONS = {
+    aten.linalg_vector_norm.default: (2, 3),
+    aten.std.dim: (1, 3), aten.std.correction: (1, 3), aten.var.dim: (1, 3), aten.var.correction: (1, 3),
+    aten.logsumexp.default: (1, 2),
+    aten.amax.default: (1, 2), aten.amin.default: (1, 2),
+}
+
+
+@register(*LINEARISED_REDUCTIONS)
+def reduction_linearised(call: RuleCall) -> torch.Tensor:
+    """A norm (F.normalize, CLIP's embedding norm), a standard deviation or variance (a layer norm written by
+    hand), logsumexp or a max / min over dims, linearised: sum_i (d out / dx_i)^2 v_i. A max passes the
+    variance of the element the mean selects (ties share it, as its derivative does).
 
     Each output reads its own inputs, so one vector-Jacobian product with ones gives every
-    input's slope; the weighted variances are then summed like the norm's own reduction.
+    input's slope; the weighted variances are then summed like the op's own reduction.
     """
     if call.structure == "full":
         return linearised_full(call)
     x, var = call.arg(0), call.cov(0)
     _, pull = vjp(lambda h: call.call_with({arg_path(0): h}), x)
     (slope,) = pull(torch.ones_like(call.out))
-    dims, keepdim = call.arg(2), bool(call.arg(3))
-    return aten.sum.dim_IntList(slope.square() * var, list(dims) if dims else None, keepdim).to(call.out.dtype)
+    dim_at, keepdim_at = LINEARISED_REDUCTIONS[call.op]
+    dims, keepdim = call.arg(dim_at), bool(call.arg(keepdim_at))
+    dims = [dims] if isinstance(dims, int) else list(dims) if dims else None
+    return aten.sum.dim_IntList(slope.square() * var, dims, keepdim).to(call.out.dtype)
+
+
+@register(aten.cumsum.default)
+def cumulative_sum(call: RuleCall) -> torch.Tensor:
+    """Each output sums a prefix of the input: J has unit entries, so J v."""
+    if call.structure == "full":
+        return linearised_full(call)
+    return routed_variance(call)
+
+
+
+@register(aten.max.dim, aten.min.dim)
+def extremum(call: RuleCall) -> list[torch.Tensor | None]:
+    """``x.max(dim)``: the values take the variance of the element the mean selects (the op's own indices,
+    its second output, say which); the indices carry none."""
+    if call.structure == "full":
+        return [linearised_full(call, output=lambda out: out[0]), None]
+    dim, keepdim = call.arg(1), bool(call.arg(2))
+    indices = call.out[1] if keepdim else call.out[1].unsqueeze(dim)
+    picked = call.cov(0).gather(dim, indices)
+    return [picked if keepdim else picked.squeeze(dim), None]

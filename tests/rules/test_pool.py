@@ -1,4 +1,5 @@
-"""Pooling: average pooling is linear (with padding, ceil mode, divisors); max pooling routes the argmax."""
+"""Pooling: average pooling is linear (with padding, ceil mode, divisors); max pooling (fixed or adaptive windows)
+routes the argmax."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ SAMPLES = [
     Sample(aten.adaptive_avg_pool2d.default, (act(image), [3, 2])),
     Sample(aten.adaptive_avg_pool2d.default, (act(image), [1, 1]), name="global"),
     Sample(aten.adaptive_avg_pool3d.default, (act(volume), [3, 2, 3])),
+    Sample(aten.adaptive_max_pool1d.default, (act(signal), [3])),
+    Sample(aten.adaptive_max_pool2d.default, (act(image), [2, 3])),
+    Sample(aten.adaptive_max_pool2d.default, (act(image), [1, 1]), name="global"),
+    Sample(aten.adaptive_max_pool3d.default, (act(volume), [2, 2, 3])),
 ]
 
 

@@ -1,4 +1,6 @@
-"""Sums and means over dimensions: variances add (sum) or add and divide by n^2 (mean); norms linearised."""
+"""Sums and means over dimensions: variances add (sum) or add and divide by n^2 (mean); cumulative sums route;
+norms, standard deviations, variances, logsumexp and max / min over dims linearised (a max's indices carry no
+covariance)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,22 @@ SAMPLES = [
     Sample(aten.linalg_vector_norm.default, (act(x), 3.0, [2]), name="p3"),
     Sample(aten.linalg_vector_norm.default, (act(x),), structures=("diag",), name="all"),
     Sample(aten.linalg_vector_norm.default, (param(x), 2, [0]), structures=("diag",), name="parameter"),
+    Sample(aten.std.dim, (act(x), [-1], True, True), name="keepdim"),
+    Sample(aten.std.dim, (act(x), [1, 2], False)),
+    Sample(aten.std.correction, (act(x), [2]), {"correction": 0}),
+    Sample(aten.std.correction, (act(x), None), structures=("diag",), name="all"),
+    Sample(aten.var.dim, (act(x), [1])),
+    Sample(aten.var.correction, (act(x), [-1]), {"correction": 2, "keepdim": True}),
+    Sample(aten.logsumexp.default, (act(x), [-1])),
+    Sample(aten.logsumexp.default, (act(x), [1, 2], True), name="keepdim"),
+    Sample(aten.amax.default, (act(x), [-1])),
+    Sample(aten.amax.default, (act(x), [1, 2], True), name="keepdim"),
+    Sample(aten.amin.default, (act(x), [1])),
+    Sample(aten.cumsum.default, (act(x), 1)),
+    Sample(aten.cumsum.default, (act(x), -1), name="last"),
+    Sample(aten.max.dim, (act(x), 1)),
+    Sample(aten.max.dim, (act(x), -1, True), name="keepdim"),
+    Sample(aten.min.dim, (act(x), 2)),
 ]
 
 
