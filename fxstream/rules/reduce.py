@@ -7,7 +7,7 @@ import torch
 from torch.func import vjp
 
 from .linearise import linearised_full, routed_variance
-from .registry import RuleCall, arg_path, register
+from .registry import RuleCall, register
 
 aten = torch.ops.aten
 
@@ -23,33 +23,45 @@ def reduce(call: RuleCall) -> torch.Tensor:
     return var
 
 
-#: Reductions whose each output reads its own slice of the input, linearised: op -> positions of (dim, keepdim).
+#: Reductions whose each output reads its own slice of the inputs, linearised: op -> positions of (dim, keepdim),
+#: keepdim None where the op has none (it drops the dims).
 LINEARISED_REDUCTIONS = {
     aten.linalg_vector_norm.default: (2, 3),
     aten.std.dim: (1, 3), aten.std.correction: (1, 3), aten.var.dim: (1, 3), aten.var.correction: (1, 3),
     aten.logsumexp.default: (1, 2),
     aten.amax.default: (1, 2), aten.amin.default: (1, 2),
+    aten.cosine_similarity.default: (2, None),
 }
 
 
 @register(*LINEARISED_REDUCTIONS)
 def reduction_linearised(call: RuleCall) -> torch.Tensor:
     """A norm (F.normalize, CLIP's embedding norm), a standard deviation or variance (a layer norm written by
-    hand), logsumexp or a max / min over dims, linearised: sum_i (d out / dx_i)^2 v_i. A max passes the
+    hand), logsumexp, a max / min over dims, or the cosine similarity of two uncertain tensors (taken as
+    independent), linearised: sum_i (d out / dx_i)^2 v_i over every uncertain input x. A max passes the
     variance of the element the mean selects (ties share it, as its derivative does).
 
     Each output reads its own inputs, so one vector-Jacobian product with ones gives every
-    input's slope; the weighted variances are then summed like the op's own reduction.
+    input's slope; the weighted variances are then summed like the op's own reduction. (PyTorch's
+    decomposition of cosine_similarity reads each input twice, which per-op rules would count as independent.)
     """
     if call.structure == "full":
         return linearised_full(call)
-    x, var = call.arg(0), call.cov(0)
-    _, pull = vjp(lambda h: call.call_with({arg_path(0): h}), x)
-    (slope,) = pull(torch.ones_like(call.out))
     dim_at, keepdim_at = LINEARISED_REDUCTIONS[call.op]
-    dims, keepdim = call.arg(dim_at), bool(call.arg(keepdim_at))
+    dims = call.arg(dim_at)
     dims = [dims] if isinstance(dims, int) else list(dims) if dims else None
-    return aten.sum.dim_IntList(slope.square() * var, dims, keepdim).to(call.out.dtype)
+    keepdim = bool(call.arg(keepdim_at)) if keepdim_at is not None else False
+    # An input broadcast against the other (a prototype compared with every sample) is expanded first, so
+    # that the vector-Jacobian product gives each output's slope rather than their sum.
+    shape = torch.broadcast_shapes(*(value.shape for _, value in call.tensors()))
+    total = None
+    for path, mean, var, _ in call.uncertain():
+        mean, var = mean.expand(shape), var.expand(shape)
+        _, pull = vjp(lambda h, path=path: call.call_with({path: h}), mean)
+        (slope,) = pull(torch.ones_like(call.out))
+        term = aten.sum.dim_IntList(slope.square() * var, dims, keepdim)
+        total = term if total is None else total + term
+    return torch.broadcast_to(total, call.out.shape).to(call.out.dtype)
 
 
 @register(aten.cumsum.default)
