@@ -47,21 +47,36 @@ def reduction_linearised(call: RuleCall) -> torch.Tensor:
     """
     if call.structure == "full":
         return linearised_full(call)
-    dim_at, keepdim_at = LINEARISED_REDUCTIONS[call.op]
+    return _slope_weighted(call, lambda out: out, *LINEARISED_REDUCTIONS[call.op])
+
+
+@register(aten.var_mean.correction, aten.std_mean.correction)
+def statistic_and_mean(call: RuleCall) -> list[torch.Tensor]:
+    """``torch.var_mean`` / ``std_mean``: the statistic linearised as above, the mean's variances summed and
+    divided by n^2 (the two outputs' covariance is not carried, as for any op with several outputs)."""
+    outputs = (lambda out: out[0], lambda out: out[1])
+    if call.structure == "full":
+        return [linearised_full(call, output=pick) for pick in outputs]
+    return [_slope_weighted(call, pick, 1, 3) for pick in outputs]
+
+
+def _slope_weighted(call: RuleCall, pick, dim_at: int, keepdim_at: int | None) -> torch.Tensor:
+    """sum_i (d pick(out) / dx_i)^2 v_i over every uncertain input x, summed over the reduced dims."""
     dims = call.arg(dim_at)
     dims = [dims] if isinstance(dims, int) else list(dims) if dims else None
     keepdim = bool(call.arg(keepdim_at)) if keepdim_at is not None else False
+    out = pick(call.out)
     # An input broadcast against the other (a prototype compared with every sample) is expanded first, so
     # that the vector-Jacobian product gives each output's slope rather than their sum.
     shape = torch.broadcast_shapes(*(value.shape for _, value in call.tensors()))
     total = None
     for path, mean, var, _ in call.uncertain():
         mean, var = mean.expand(shape), var.expand(shape)
-        _, pull = vjp(lambda h, path=path: call.call_with({path: h}), mean)
-        (slope,) = pull(torch.ones_like(call.out))
+        _, pull = vjp(lambda h, path=path: pick(call.call_with({path: h})), mean)
+        (slope,) = pull(torch.ones_like(out))
         term = aten.sum.dim_IntList(slope.square() * var, dims, keepdim)
         total = term if total is None else total + term
-    return torch.broadcast_to(total, call.out.shape).to(call.out.dtype)
+    return torch.broadcast_to(total, out.shape).to(out.dtype)
 
 
 @register(aten.cumsum.default)

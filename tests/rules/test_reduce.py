@@ -42,6 +42,8 @@ SAMPLES = [
     Sample(aten.cosine_similarity.default, (act(x), randn(1, 3, 4, seed=3)), name="one-uncertain-broadcast"),
     Sample(aten.cosine_similarity.default, (act(x), param(randn(4, seed=4)), 2), structures=("diag",),
            name="parameter-prototype"),
+    Sample(aten.var_mean.correction, (act(x), [-1]), {"keepdim": True}),
+    Sample(aten.std_mean.correction, (act(x), [1, 2]), {"correction": 0}),
     Sample(aten.max.dim, (act(x), 1)),
     Sample(aten.max.dim, (act(x), -1, True), name="keepdim"),
     Sample(aten.min.dim, (act(x), 2)),
