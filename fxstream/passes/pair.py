@@ -26,7 +26,7 @@ from ..rules.linear import OPERANDS, variance_only_chains
 from ..rules.linearise import diag_to_full, full_to_diag
 from ..rules.norm import rms_norm_covariance
 from ..rules.patterns import rms_joins
-from ..rules.region import elementwise_joins, region_covariance
+from ..rules.region import elementwise_joins, region_covariance, shape_of
 from ..rules.gates import product_covariance, product_joins
 from ..rules.residual import residual_covariance, residual_joins
 from ..rules.registry import ACTIVATION_STRUCTURES, RuleCall
@@ -225,7 +225,7 @@ class Pairing:
         region, rms = self.joins.get(node), self.rms.get(node)
         if rms is not None and self.kind.get(rms.x) in ACTIVATION_STRUCTURES and out_structure == self.kind[rms.x]:
             self.cov[node] = self.rms_join(node, rms, out_structure)
-        elif region is not None and self.kind.get(region.source) in ACTIVATION_STRUCTURES:
+        elif region is not None and self.takes_region(node, region, out_structure):
             self.cov[node] = self.region(node, region, out_structure)
         else:
             self.cov[node] = self.rule(node, uncertain, out_structure)
@@ -271,17 +271,28 @@ class Pairing:
         if self.crosses is not None and self.kind[node] == "full":
             self.cov[node] = self.crosses.joined(node, self.cov[node], pick=index)
 
+    def takes_region(self, node: torch.fx.Node, region, out_structure: str) -> bool:
+        """Whether the join's region is linearised whole: each uncertain leaf holds one element per element of
+        the join (size-1 dims aside), in the join's structure, or as a parameter's independent entries with
+        diagonal activations. A leaf broadcast to several elements (a per-channel parameter) is left to the
+        per-op rules."""
+        uncertain = [leaf for leaf in region.leaves if leaf in self.cov]
+        allowed = {out_structure, "param_diag"} if out_structure == "diag" else {out_structure}
+        return bool(uncertain) and all(self.kind.get(leaf) in allowed and _unit_dims_aside(shape_of(leaf)) ==
+                                       _unit_dims_aside(shape_of(node)) for leaf in uncertain)
+
     def region(self, node: torch.fx.Node, region, out_structure: str) -> torch.fx.Node:
-        """An elementwise region whose paths rejoin: linearised as one function of its source."""
+        """An elementwise region whose paths rejoin: linearised as one function of its leaves."""
         name = f"fxstream_region_{node.name}"
         self.root.add_module(name, region.function())
         function = self.graph.get_attr(name)
         _tag(function, node, "elementwise_region")
         cov_node = self.graph.call_function(
             region_covariance,
-            ((function, self.mean[region.source]), {}, (None, self.cov[region.source]), {},
-             (None, self.kind[region.source]), {}, self.mean[node], out_structure, self.options,
-             self.batch_for(out_structure)),
+            ((function, *(self.mean[leaf] for leaf in region.leaves)), {},
+             (None, *(self.cov.get(leaf) for leaf in region.leaves)), {},
+             (None, *(self.kind.get(leaf) for leaf in region.leaves)), {}, self.mean[node], out_structure,
+             self.options, self.batch_for(out_structure)),
         )
         _tag(cov_node, node, "elementwise_region")
         return cov_node
@@ -468,6 +479,11 @@ NO_RULE_REMEDIES = {
 }
 _FASTPATH_REMEDY = ("; call torch.backends.mha.set_fastpath_enabled(False) before torch.compile so that Dynamo "
                     "captures the layer's ops (fxstream.streamline does this itself)")
+
+
+def _unit_dims_aside(shape: tuple | None) -> tuple | None:
+    """A shape without its size-1 dims: two tensors alike in it hold the same elements in the same order."""
+    return None if shape is None else tuple(size for size in shape if size != 1)
 
 
 def _rule_problem(rule, out_structure: str, uncertain, kind, op=None) -> str | None:
