@@ -30,6 +30,7 @@ from .weights import (
     layer_problem,
     matmul_into,
     plus,
+    second_moment,
     squared,
     transposed,
     weight_diag,
@@ -362,3 +363,25 @@ def variance_only_chains(outputs: list[torch.fx.Node]) -> dict[torch.fx.Node, se
                 break
             node = node.args[0]
     return chains
+
+
+@register(aten.bilinear.default, structures=("diag",))
+def bilinear(call: RuleCall) -> torch.Tensor:
+    """nn.Bilinear, y_k = x1^T W_k x2 + b_k, with x1, x2, W (diagonal posterior) and b independent: exact
+    moments, the first-order terms v1 (W_k x2)^2, v2 (x1^T W_k)^2 and V_k m1^2 m2^2, and (``products="moments"``)
+    every product of two or three variances, V s1 s2 with second moments s = m^2 + v and v1 W_k^2 v2."""
+    x1, x2, w = call.arg(0), call.arg(1), call.arg(2)
+    v1, v2, vw, vb = (call.cov(i) for i in range(4))
+    second = call.second_order
+    var = torch.zeros_like(call.out)
+    if v1 is not None:
+        var = var + torch.einsum("...ki,...i->...k", torch.einsum("kij,...j->...ki", w, x2).square(), v1)
+    if v2 is not None:
+        var = var + torch.einsum("...kj,...j->...k", torch.einsum("...i,kij->...kj", x1, w).square(), v2)
+    if vw is not None:
+        s1 = second_moment(x1, v1 if second else None)
+        s2 = second_moment(x2, v2 if second else None)
+        var = var + torch.einsum("...i,kij,...j->...k", s1, vw, s2)
+    if second and v1 is not None and v2 is not None:
+        var = var + torch.einsum("...i,kij,...j->...k", v1, w.square(), v2)
+    return var if vb is None else var + vb

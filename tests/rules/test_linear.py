@@ -47,6 +47,14 @@ SAMPLES = [
     Sample(aten.addbmm.default, (act(products[0], 0.5), act(left, 0.5), act(right, 0.5)),
            {"beta": 0.5, "alpha": 2.0}, exact=True, monte_carlo=True),
     Sample(aten.addbmm.default, (param(products[0, 0]), left, act(right)), exact=True, name="parameter-bias"),
+    Sample(aten.bilinear.default, (act(x), act(randn(3, 2, seed=8)), randn(5, 4, 2, seed=9), param(b)),
+           structures=("diag",), exact=True, monte_carlo=True, name="inputs"),
+    Sample(aten.bilinear.default, (act(x), randn(3, 2, seed=8), param(randn(5, 4, 2, seed=9))),
+           structures=("diag",), exact=True, name="first-input-and-weight"),
+    Sample(aten.bilinear.default, (x, act(randn(3, 2, seed=8)), param(randn(5, 4, 2, seed=9)), b),
+           structures=("diag",), exact=True, name="second-input-and-weight"),
+    Sample(aten.bilinear.default, (act(tokens), tokens, randn(5, 4, 4, seed=10), None), structures=("diag",),
+           name="tokens"),
 ]
 
 
