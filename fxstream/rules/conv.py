@@ -63,7 +63,11 @@ def conv(call: RuleCall) -> torch.Tensor:
     geometry = tuple(call.arg(i) for i in range(3, 7))  # stride, padding, dilation, groups
     if call.structure == "full":
         return _conv_full(call, x, vx, w, weight, bias, geometry)
-    var_b = None if bias is None else bias_variance(*bias)
+    return _conv_diag(call, x, vx, w, weight, None if bias is None else bias_variance(*bias), geometry)
+
+
+def _conv_diag(call: RuleCall, x, vx, w, weight, var_b, geometry) -> torch.Tensor:
+    """op(s, M^2) + weight term + var_b with the op's own geometry (a convolution or a transposed one)."""
     var = None
     if vx is not None:  # the bias variance rides along as the conv's own bias
         var = call.op(vx, w.square(), var_b, *geometry)
@@ -99,16 +103,7 @@ def conv_transpose(call: RuleCall) -> torch.Tensor:
     geometry = tuple(call.arg(i) for i in range(3, 8))  # stride, padding, output_padding, groups, dilation
     if call.structure == "full":
         return linear_sandwich(lambda h: call.op(h, w, None, *geometry), vx, x.shape[1:])
-    var_b, var_w = call.cov(2), call.cov(1)
-    var = None
-    if vx is not None:
-        var = call.op(vx, w.square(), var_b, *geometry)
-        var_b = None
-    if var_w is not None:
-        var = plus(var, call.op(second_moment(x, vx if call.second_order else None), var_w, var_b, *geometry))
-    elif var_b is not None:
-        var = var_b.reshape((-1,) + (1,) * (x.dim() - 2))
-    return torch.broadcast_to(var, call.out.shape)
+    return _conv_diag(call, x, vx, w, parameter(call, 1), call.cov(2), geometry)
 
 
 def _weight_diag(call: RuleCall, x, vx, weight, var_b, geometry) -> torch.Tensor:
